@@ -1,0 +1,30 @@
+# Two commands set up and exercise everything on a fresh machine:
+#   make demo   - install into .venv, then make data, train on 2 ranks, convert, generate
+#   make test   - install into .venv, then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch to install when none is importable. On a CUDA cluster, bring your own torch
+# (it is kept); on a machine without CUDA this pin resolves to the CPU build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC='$(TORCH_SPEC)' bash scripts/install.sh
+	touch $@
+
+demo: install
+	$(PY) -m launcher.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/data_throughput.py
+	$(PY) bench/tp_step.py
+
+clean:
+	rm -rf runs/demo

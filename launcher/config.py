@@ -1,0 +1,278 @@
+"""The one source of truth for a run's settings.
+
+Typed dataclasses, loaded from a YAML file in configs/, with dotted command-line overrides
+(`optim.lr=3e-4`), validated before any process group or file is touched. Every error names
+the key (and the file) it is about and is raised as ConfigError, which the CLI prints as one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from model.transformer import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                 # shard pattern (dir, brace pattern, pipe:, s3://...) or prepared dir
+    valid: str = ""                 # held-out shards; empty = no evaluation
+    objective: str = "pairs"        # pairs | span
+    max_src_len: int = 128          # encoder length (also the packing length for span)
+    max_tgt_len: int = 128
+    noise_density: float = 0.15     # span corruption: fraction of tokens masked
+    mean_span_length: float = 3.0
+    num_streams: int = 8            # canonical read streams; the data order depends on this, not on the layout
+    shuffle_block: int = 1024       # samples shuffled together inside a stream
+    num_workers: int = 1            # loader worker processes per rank
+    seed: int = 1234
+    max_bad_samples: int = 100      # skipped-and-logged bad samples before the run stops
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 7e-4
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | constant
+    warmup_steps: int = 4000
+    min_lr_ratio: float = 0.0       # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0          # 0 disables
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                     # tensor-parallel degree (ranks inside a node)
+    zero_stage: int = 2
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 64     # samples per optimizer step, all ranks together
+    micro_batch_size: int = 32      # samples per forward on one data-parallel rank
+    precision: str = "bf16"         # fp32 | bf16
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0             # 0 = only at the end (if valid data is set)
+    label_smoothing: float = 0.0
+    collective_timeout_s: int = 600  # a dead rank ends the job instead of hanging it
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500                # steps; 0 = only at the end
+    keep: int = 3                   # newest checkpoints kept
+    resume: str = "auto"            # auto (latest in run dir) | never | a checkpoint path
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"          # online | offline | disabled (WANDB_MODE wins)
+    project: str = "encdec"
+    entity: str = ""
+    name: str = ""
+    group: str = ""
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"       # run folder: config, metrics, checkpoints, wandb id
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Converts a YAML/CLI value to the dataclass field type, or raises naming the key."""
+    origin = typing.get_origin(typ) or typ
+    try:
+        if typ is bool or origin is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if origin is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if origin is float:
+            return float(value)
+        if origin is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return "" if value is None else str(value)
+        if origin in (tuple, list):
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            return origin(value) if origin is list else tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': cannot read {value!r} as {getattr(origin, '__name__', origin)}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, raw[f.name] or {}, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], typ, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """YAML file + dotted overrides -> validated RunConfig."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: invalid YAML ({str(e).splitlines()[0]})")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        cfg = _build(RunConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    d = dataclasses.asdict(cfg)
+
+    def fix(x):
+        if isinstance(x, tuple):
+            return list(x)
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        return x
+    return fix(d)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    cfg = _build(RunConfig, d, "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Writes the effective config as YAML, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Checks values that must agree with each other. With world_size, also the layout."""
+    m, t, d, o, p = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.parallel
+    _check(m.d_model > 0, "model.d_model", f"must be > 0, got {m.d_model}")
+    _check(m.n_heads > 0 and m.d_model % m.n_heads == 0, "model.n_heads",
+           f"{m.n_heads} heads do not divide model.d_model={m.d_model}")
+    _check((m.d_model // m.n_heads) % 2 == 0 and m.d_model % 2 == 0, "model.d_model",
+           f"{m.d_model} must be even (sinusoidal positions)")
+    _check(m.norm in ("pre", "post"), "model.norm", f"must be 'pre' or 'post', got {m.norm!r}")
+    _check(m.activation in ("relu", "gelu"), "model.activation", f"must be relu or gelu, got {m.activation!r}")
+    _check(m.n_encoder_layers > 0 and m.n_decoder_layers > 0, "model.n_encoder_layers",
+           "encoder and decoder need at least one layer")
+    _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(d.objective in ("pairs", "span"), "data.objective", f"must be 'pairs' or 'span', got {d.objective!r}")
+    _check(0 < d.noise_density < 1, "data.noise_density", f"must be in (0, 1), got {d.noise_density}")
+    _check(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
+    _check(d.num_streams > 0, "data.num_streams", f"must be > 0, got {d.num_streams}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(max(d.max_src_len, d.max_tgt_len) <= m.max_positions, "data.max_src_len",
+           f"lengths {d.max_src_len}/{d.max_tgt_len} exceed model.max_positions={m.max_positions}")
+    _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
+    _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+    _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+           f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _check(o.schedule in ("inverse_sqrt", "cosine", "constant"), "optim.schedule",
+           f"must be inverse_sqrt, cosine or constant, got {o.schedule!r}")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(len(o.betas) == 2, "optim.betas", f"needs two values, got {o.betas}")
+    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {p.zero_stage}")
+    _check(p.tp >= 1, "parallel.tp", f"must be >= 1, got {p.tp}")
+    _check(m.n_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.n_heads={m.n_heads}")
+    _check(m.d_ff % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.d_ff={m.d_ff}")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    _check(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode",
+           f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> int:
+    """Returns the data-parallel degree, or raises naming every factor."""
+    tp, t = cfg.parallel.tp, cfg.train
+    if world_size % tp:
+        raise ConfigError(f"config key 'parallel.tp': world size {world_size} is not a multiple of tp={tp}")
+    dp = world_size // tp
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {t.global_batch_size} does not divide into "
+            f"micro_batch_size={t.micro_batch_size} x dp={dp} (world {world_size} / tp {tp})")
+    return dp

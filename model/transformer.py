@@ -1,0 +1,233 @@
+"""The Transformer of "Attention Is All You Need", in one file.
+
+Shapes: B batch, S source length, T target length, D d_model, H heads, Dh = D / H, V vocabulary.
+
+    src (B, S) --embed*sqrt(D) + sinusoid--> x (B, S, D) --N x EncoderLayer--> memory (B, S, D)
+    tgt_in (B, T) --embed*sqrt(D) + sinusoid--> y (B, T, D) --N x DecoderLayer(memory)--> h (B, T, D)
+    h --tied output projection (embed.weight^T) + logits_bias--> logits (B, T, V)
+
+The model knows nothing of parallelism. Tensor parallelism swaps the linear layers, the
+embedding and the criterion for sharded ones from outside (launcher/parallel.py); to allow that,
+attention infers its local head count from the projection width, and the output projection and
+the loss go through `self.embed` and `self.criterion`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0          # padded size (embedding rows); 0 = set from the tokenizer
+    real_vocab_size: int = 0     # tokenizer size; ids >= this get -inf logits
+    vocab_multiple: int = 128    # pad the embedding to a multiple of this (and of TP)
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    norm: str = "pre"            # pre: LN before each sublayer + final LN (stable); post: as in the paper
+    activation: str = "relu"
+    dropout: float = 0.1         # embeddings, residual branches
+    attention_dropout: float = 0.0
+    max_positions: int = 1024
+    layer_norm_eps: float = 1e-5
+    pad_id: int = 0
+    eos_id: int = 1
+    decoder_start_id: int = 0    # the decoder input starts with <pad>, as in Pegasus and Marian
+
+
+def padded_vocab(n: int, multiple: int) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def sinusoid_table(n_pos: int, dim: int) -> torch.Tensor:
+    """(n_pos, dim): sin of every frequency in the first half, cos in the second half.
+
+    The frequencies are the paper's, pos / 10000^(2i/dim); the halves layout (not interleaved)
+    is the one of Pegasus and Marian, so exported models compute the same function.
+    """
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    i = torch.arange(dim // 2, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(10000.0, 2 * i / dim)
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).float()
+
+
+class Attention(nn.Module):
+    """Multi-head attention through scaled_dot_product_attention.
+
+    q, k, v, o are plain nn.Linear (with bias, as in Pegasus/Marian). The number of heads held
+    here is q.out_features // head_dim, so column-sharded q/k/v hold a slice of the heads.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.head_dim = d_model // n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x, kv, mask=None, causal=False):
+        # x (B, T, D) queries; kv (B, S, D) keys/values; mask (B, 1, 1, S) bool, True = attend
+        B, T, _ = x.shape
+        S = kv.shape[1]
+        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, Dh)
+        k = self.k(kv).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        v = self.v(kv).view(B, S, -1, self.head_dim).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.act = F.relu if activation == "relu" else F.gelu
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Sublayer(nn.Module):
+    """Residual + LayerNorm around one sublayer, pre-LN (x + f(LN x)) or post-LN (LN(x + f(x)))."""
+
+    def __init__(self, d_model: int, pre: bool, dropout: float, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.pre = pre
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, fn):
+        if self.pre:
+            return x + self.dropout(fn(self.norm(x)))
+        return self.norm(x + self.dropout(fn(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
+        self.ffn = FeedForward(c.d_model, c.d_ff, c.activation)
+        self.attn_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
+        self.ffn_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
+
+    def forward(self, x, src_mask):
+        x = self.attn_block(x, lambda h: self.self_attn(h, h, src_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
+        self.cross_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
+        self.ffn = FeedForward(c.d_model, c.d_ff, c.activation)
+        self.self_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
+        self.cross_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
+        self.ffn_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
+
+    def forward(self, y, memory, src_mask):
+        # Causal self-attention. Target padding sits at the right end, so a causal mask already
+        # keeps every real position away from it; padded positions are excluded from the loss.
+        y = self.self_block(y, lambda h: self.self_attn(h, h, None, causal=True))
+        y = self.cross_block(y, lambda h: self.cross_attn(h, memory, src_mask))
+        return self.ffn_block(y, self.ffn)
+
+
+class CrossEntropy(nn.Module):
+    """Summed token cross-entropy over labels != ignore_index; returns (sum, count)."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, labels):
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index,
+                               reduction="sum", label_smoothing=self.label_smoothing)
+        return loss, (labels != self.ignore_index).sum()
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        if c.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        self.config = c
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)   # shared: source, target, output
+        self.embed_scale = math.sqrt(c.d_model)
+        self.register_buffer("positions", sinusoid_table(c.max_positions, c.d_model), persistent=False)
+        bias = torch.zeros(c.vocab_size)
+        bias[(c.real_vocab_size or c.vocab_size):] = -1e9           # padded rows never predicted
+        self.register_buffer("logits_bias", bias, persistent=False)
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_decoder_layers))
+        # Pre-LN stacks end with a LayerNorm (the residual stream is otherwise unnormalised).
+        self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
+        self.criterion = CrossEntropy()
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embed.weight, std=self.config.d_model ** -0.5)
+
+    def _embed(self, ids):
+        # (B, L) -> (B, L, D): scaled token embedding + sinusoid position
+        L = ids.shape[1]
+        if L > self.positions.shape[0]:
+            raise ValueError(f"sequence length {L} exceeds model.max_positions={self.positions.shape[0]}")
+        return self.drop(self.embed(ids) * self.embed_scale + self.positions[:L].to(self.embed.weight.dtype))
+
+    def encode(self, src_ids, src_mask):
+        # src_mask (B, S) bool, True = real token -> (B, 1, 1, S) for every query and head
+        mask = src_mask[:, None, None, :]
+        x = self._embed(src_ids)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def decode(self, tgt_ids, memory, src_mask):
+        mask = src_mask[:, None, None, :]
+        y = self._embed(tgt_ids)
+        for layer in self.decoder:
+            y = layer(y, memory, mask)
+        return self.decoder_norm(y)
+
+    def logits(self, h):
+        # (B, T, D) @ (D, V) tied to the embedding; padded vocabulary rows pushed to -1e9
+        return F.linear(h, self.embed.weight) + self.logits_bias
+
+    def forward(self, src_ids, src_mask, tgt_ids):
+        return self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
+
+    def loss(self, src_ids, src_mask, tgt_ids, labels):
+        """Summed cross-entropy and the number of target tokens (labels != -100)."""
+        return self.criterion(self(src_ids, src_mask, tgt_ids), labels)
+
+
+def count_parameters(c: ModelConfig) -> int:
+    """Parameter count (tied embedding counted once), without building the model."""
+    d, f, v = c.d_model, c.d_ff, c.vocab_size
+    attn = 4 * (d * d + d)
+    ffn = d * f + f + f * d + d
+    ln = 2 * d
+    enc = c.n_encoder_layers * (attn + ffn + 2 * ln)
+    dec = c.n_decoder_layers * (2 * attn + ffn + 3 * ln)
+    final = 2 * ln if c.norm == "pre" else 0
+    return v * d + enc + dec + final
