@@ -223,7 +223,7 @@ class Monitor:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json.dumps(row, default=str) + "\n")
         self._file.flush()
 
     def _clean(self, metrics: dict) -> dict:
