@@ -165,3 +165,18 @@ def check_model_for_tp(m: ModelConfig, tp: int) -> None:
         raise ConfigError(f"config key 'model.vocab_size': padded vocabulary {m.vocab_size} does not split over "
                           f"parallel.tp={tp} (real_vocab_size={m.real_vocab_size}, "
                           f"vocab_multiple={m.vocab_multiple}: make vocab_multiple a multiple of {tp})")
+
+
+def check_supported(tp: int, zero_stage: int, precision: str = "fp32") -> None:
+    """Refuses the TP x ZeRO x precision combinations whose gradient norm DeepSpeed 0.19 gets wrong.
+
+    Proven against a single-process reference (tests/test_tp_deepspeed.py): fp32 with ZeRO 0-3,
+    bf16 with ZeRO 1-3. With bf16 and ZeRO 0, DeepSpeed wraps the optimizer in its unfused
+    low-precision optimizer, which tests the TP marker on the gradient tensors instead of the
+    parameters, so TP ranks > 0 drop their sharded gradients from the clipping norm.
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'parallel.zero_stage': must be 0-3, got {zero_stage}")
+    if tp > 1 and zero_stage == 0 and precision != "fp32":
+        raise ConfigError(f"config key 'parallel.zero_stage': 0 with parallel.tp={tp} and train.precision={precision} "
+                          f"computes a wrong gradient-clipping norm in DeepSpeed; use parallel.zero_stage >= 1")
