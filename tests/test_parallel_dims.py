@@ -35,7 +35,8 @@ def test_model_checks_name_key_and_factors():
         check_model_for_tp(c, 4)
     with pytest.raises(ConfigError, match=r"'model.d_ff': 100 does not split over parallel.tp=3"):
         check_model_for_tp(ModelConfig(vocab_size=129, d_model=48, n_heads=6, d_ff=100), 3)
-    with pytest.raises(ConfigError, match=r"'model.vocab_size': padded vocabulary 130 does not split over parallel.tp=3"):
+    with pytest.raises(ConfigError, match=r"'model.vocab_size': padded vocabulary 130 does not split over "
+                                          r"parallel.tp=3"):
         check_model_for_tp(ModelConfig(vocab_size=130, d_model=48, n_heads=6, d_ff=96), 3)
     check_model_for_tp(c, 2)
 

@@ -4,7 +4,8 @@
     tp.py     column/row-parallel linear, vocab-parallel embedding and cross-entropy
     plan.py   parallelize(model, mesh), activation checkpointing, shard merge/split helpers
 """
-from launcher.parallel.dims import DeepSpeedMPU, Mesh, ParallelDims, check_model_for_tp, check_supported
+from launcher.parallel.dims import (DeepSpeedMPU, Mesh, ParallelDims, check_model_for_tp,
+                                    check_supported)
 from launcher.parallel.plan import (apply_activation_checkpointing, gather_full_state_dict, merge_tp_state_dicts,
                                     parallelize, shard_dims, shard_dims_for_config, split_state_dict)
 

@@ -157,7 +157,8 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)
 
     def extra_repr(self):
-        return f"rows [{self.vocab_start}, {self.vocab_start + self.num_embeddings}) of {self.num_embeddings_full}, dim={self.embedding_dim}"
+        hi = self.vocab_start + self.num_embeddings
+        return f"rows [{self.vocab_start}, {hi}) of {self.num_embeddings_full}, dim={self.embedding_dim}"
 
 
 # ----------------------------------------------------------------------------- loss
