@@ -84,6 +84,17 @@ def _check_layers(r, n, g):
         assert got[4] == 0 and got[7] == 0
         (got.sum() * 0.5).backward()
         assert_close(local.grad, _slice(full.grad, 1, r, n) * 0.5, **TOL)
+    # smoothing over the real vocabulary only (ids < 13; the padded columns hold -1e9 as in the model)
+    logits[:, 13:] = -1e9
+    labels[labels >= 13] = 5
+    full = logits[:, :13].clone().requires_grad_()
+    want = F.cross_entropy(full, labels, ignore_index=-100, reduction="sum", label_smoothing=0.1)
+    want.backward()
+    local = _slice(logits, 1, r, n).clone().requires_grad_()
+    got = vocab_parallel_cross_entropy(local, labels, r * (16 // n), 16, g, -100, 0.1, smooth_classes=13)
+    assert_close(got.sum(), want, **TOL)
+    got.sum().backward()
+    assert_close(local.grad, _slice(F.pad(full.grad, (0, 3)), 1, r, n), **TOL)
 
 
 def _batch(c, seed):
