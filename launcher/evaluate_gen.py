@@ -1,7 +1,8 @@
 """Generation quality during evaluation: greedy decoding of a few samples and corpus BLEU / chrF.
 
-score() uses sacrebleu with its defaults (BLEU: 13a tokenisation, exponential smoothing; chrF:
-character 6-grams, beta 2), on detokenised text, one reference per hypothesis.
+score() uses sacrebleu with its defaults (BLEU: 13a tokenisation, or sacrebleu's "zh" tokeniser
+when the references contain CJK characters; exponential smoothing; chrF: character 6-grams,
+beta 2), on detokenised text, one reference per hypothesis.
 greedy_generate() decodes with the plain model (no KV cache: each step re-runs the decoder on
 the prefix, which is fine for the handful of samples logged as an eval table).
 """
@@ -22,7 +23,8 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     if bad is not None:
         side, idx = ("hypothesis", bad) if bad < len(hyps) else ("reference", bad - len(hyps))
         raise ValueError(f"score: {side} {idx} is {type((hyps + refs)[bad]).__name__}, not str")
-    return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs]).score),
+    cjk = any("\u4e00" <= ch <= "\u9fff" for r in refs for ch in r)
+    return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh" if cjk else "13a").score),
             "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
 
 
