@@ -38,7 +38,9 @@ def build_model(cfg: RunConfig) -> tuple[Transformer, str]:
     tok = load_tokenizer(path)
     mc = model_config(cfg, tok.get_vocab_size())
     cfg.model = mc                                   # the effective config records the sizes used
-    return Transformer(mc), path
+    model = Transformer(mc)
+    model.criterion.label_smoothing = cfg.train.label_smoothing
+    return model, path
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: str):
@@ -60,7 +62,8 @@ def ds_config(cfg: RunConfig, accum: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # without ZeRO the trainer clips itself (to report the norm); ZeRO optimizers clip here
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

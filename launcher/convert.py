@@ -67,8 +67,8 @@ def consolidated_state_dict(root: str, tag: str, cfg) -> dict:
         shards.append({k: v.float() for k, v in _load_ds(f)["module"].items()})
     if tp == 1:
         return shards[0]
-    from launcher.parallel.plan import merge_tp_state_dicts
-    return merge_tp_state_dicts(shards)
+    from launcher.parallel.plan import merge_tp_state_dicts, shard_dims_for_config
+    return merge_tp_state_dicts(shards, shard_dims_for_config(cfg.model))
 
 
 def convert(checkpoint: str, out: str, overwrite: bool = False) -> str:
@@ -95,7 +95,7 @@ def convert(checkpoint: str, out: str, overwrite: bool = False) -> str:
         hcfg.save_pretrained(tmp)
         GenerationConfig(decoder_start_token_id=mc.decoder_start_id, eos_token_id=mc.eos_id, pad_token_id=mc.pad_id,
                          bos_token_id=mc.decoder_start_id,
-                         max_length=cfg.data.max_tgt_len + 1).save_pretrained(tmp)
+                         max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
         save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:
