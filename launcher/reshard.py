@@ -29,7 +29,7 @@ def _tp(trainer) -> tuple[int, int, dict]:
     if tp == 1:
         return 1, 0, {}
     from launcher.parallel import shard_dims
-    return tp, trainer.mpu.get_tensor_model_parallel_rank(), shard_dims(trainer.engine.module)
+    return tp, trainer.mesh.tp_rank, shard_dims(trainer.engine.module)
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

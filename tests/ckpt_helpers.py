@@ -12,7 +12,7 @@ import signal
 import socket
 import traceback
 
-import pytest
+
 import torch
 import torch.multiprocessing as mp
 
@@ -31,16 +31,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> str:
-    """A prepared pairs dataset (vocab ~300) in a session temp folder; returns its path."""
-    from data.prepare import prepare
-    from data.synthetic import write_corpus
-    base = tmp_path_factory.mktemp("ckpt-data")
-    train, _ = write_corpus(str(base / "corpus"), n_heldout=100)
-    out = str(base / "train")
-    prepare([train], out, objective="pairs", vocab_size=300, shard_size=2500, progress=False)
-    return out
 
 
 def make_cfg(data: str, out_dir: str, *overrides: str):

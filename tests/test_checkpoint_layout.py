@@ -1,16 +1,16 @@
-"""Resume on another layout: a checkpoint of one (dp, ZeRO stage) continues on another.
+"""Resume on another layout: a checkpoint of one (tp, dp, ZeRO stage) continues on another.
 
 A straight run on the source layout saves at step K and runs on to N. Each target layout resumes
 from the step-K checkpoint (loaded through launcher/reshard.py) and runs to N: its losses must
-follow the straight run's within LOSS_RTOL (fp32; only the summation order of the data-parallel
-reductions differs) and it must see exactly the same samples (same token count at N, same
-data-stream position). Dropout is off so that the comparison isolates the checkpoint.
-The forced reshard on the *same* layout must be bitwise exact (all state is transferred).
+follow the straight run's within LOSS_RTOL (fp32; only the summation order of the reductions
+differs) and it must see exactly the same samples (same tokens seen at N, same data-stream
+position). Dropout is off so that the comparison isolates the checkpoint. Resharding onto the
+*same* layout (forced) must be bitwise exact: then every piece of state went across.
 """
 import os
 
 import pytest
-from ckpt_helpers import metrics, run_ranks, tiny_data, train  # noqa: F401 - tiny_data is a fixture
+from ckpt_helpers import metrics, run_ranks, train
 
 N, K = 5, 2
 LOSS_RTOL = 1e-5
@@ -24,45 +24,59 @@ def _run(data, out, overrides, env=None):
             "data": t.stream.state_dict(), "step": t.step}
 
 
-def _source(data, base, world, zero):
-    out = os.path.join(base, f"src-dp{world}-z{zero}")
-    res = run_ranks(world, _run, data, out, [f"parallel.zero_stage={zero}", f"checkpoint.every={K}", "checkpoint.keep=5"], tmp=base)
+def _layout(tp, dp, zero):
+    return [f"parallel.tp={tp}", f"parallel.zero_stage={zero}"], tp * dp
+
+
+def _source(data, base, lay):
+    over, world = _layout(*lay)
+    out = os.path.join(base, "src-tp{}-dp{}-z{}".format(*lay))
+    res = run_ranks(world, _run, data, out, [*over, f"checkpoint.every={K}", "checkpoint.keep=5"], tmp=base)
     return os.path.join(out, "checkpoints", f"step{K:08d}"), res
 
 
-def _target(data, base, ckpt, world, zero, env=None):
-    out = os.path.join(base, f"dst-dp{world}-z{zero}")
-    return run_ranks(world, _run, data, out, [f"parallel.zero_stage={zero}", f"checkpoint.resume={ckpt}"], env,
-                     tmp=base)
+def _target(data, base, ckpt, lay, exact=False):
+    over, world = _layout(*lay)
+    out = os.path.join(base, "dst-tp{}-dp{}-z{}".format(*lay))
+    env = {"ENCDEC_RESHARD": "always"} if exact else None
+    return run_ranks(world, _run, data, out, [*over, f"checkpoint.resume={ckpt}"], env, tmp=base)
 
 
-def _check(src, dst, exact=False):
+def _check(src, dst, exact=False) -> float:
     assert dst["step"] == N and dst["tokens_seen"] == src["tokens_seen"] and dst["data"] == src["data"]
+    assert min(int(s) for s in dst["losses"]) == K + 1          # resumed at K, did not restart
     worst = 0.0
     for s in range(K + 1, N + 1):
         a, b = src["losses"][str(s)], dst["losses"][str(s)]
-        if exact:
-            assert a == b, (s, a, b)
+        assert not exact or a == b, (s, a, b)
         worst = max(worst, abs(a - b) / abs(a))
     assert worst <= LOSS_RTOL, worst
-    # the resumed run did not restart: its first logged step is K+1
-    assert min(int(s) for s in dst["losses"]) == K + 1
     return worst
 
 
-@pytest.mark.parametrize("targets", [[(1, 0), (4, 3), (2, 2, "exact")]])
-def test_dp2_zero2_to_dp1_dp4(tiny_data, tmp_path, targets):
-    ckpt, src = _source(tiny_data, str(tmp_path), 2, 2)
-    for world, zero, *exact in targets:
-        env = {"ENCDEC_RESHARD": "always"} if exact else None
-        dst = _target(tiny_data, str(tmp_path), ckpt, world, zero, env)
-        print(f"dp2/ZeRO-2 -> dp{world}/ZeRO-{zero}: max rel loss diff {_check(src, dst, bool(exact)):.2e}")
+def _case(data, base, src_lay, targets):
+    ckpt, src = _source(data, base, src_lay)
+    for lay, *exact in targets:
+        d = _check(src, _target(data, base, ckpt, lay, bool(exact)), bool(exact))
+        print("layout tp{}xdp{} ZeRO-{} -> tp{}xdp{} ZeRO-{}: max rel loss diff {:.1e}".format(*src_lay, *lay, d))
 
 
-def test_dp4_zero3_and_dp1_zero0_to_others(tiny_data, tmp_path):
-    ckpt, src = _source(tiny_data, str(tmp_path / "a"), 4, 3)
-    dst = _target(tiny_data, str(tmp_path / "a"), ckpt, 1, 1)
-    print(f"dp4/ZeRO-3 -> dp1/ZeRO-1: max rel loss diff {_check(src, dst):.2e}")
-    ckpt, src = _source(tiny_data, str(tmp_path / "b"), 1, 0)
-    dst = _target(tiny_data, str(tmp_path / "b"), ckpt, 2, 3)
-    print(f"dp1/ZeRO-0 -> dp2/ZeRO-3: max rel loss diff {_check(src, dst):.2e}")
+@pytest.mark.slow
+def test_dp2_to_dp1_dp4_and_same(tiny_pairs, tmp_path):
+    _case(tiny_pairs["train"], str(tmp_path), (1, 2, 2), [((1, 1, 0),), ((1, 4, 3),), ((1, 2, 2), "exact")])
+
+
+@pytest.mark.slow
+def test_tp2xdp2_to_dp1_dp4_tp2(tiny_pairs, tmp_path):
+    _case(tiny_pairs["train"], str(tmp_path), (2, 2, 2), [((1, 1, 0),), ((1, 4, 3),), ((2, 1, 1),)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("src", [(1, 1, 0), (1, 4, 3), (2, 1, 1)], ids=["dp1", "dp4", "tp2xdp1"])
+def test_to_tp2xdp2(tiny_pairs, tmp_path, src):
+    _case(tiny_pairs["train"], str(tmp_path), src, [((2, 2, 2 if src[2] != 2 else 3),)])
+
+
+@pytest.mark.slow
+def test_tp2_same_layout_reshard_is_exact(tiny_pairs, tmp_path):
+    _case(tiny_pairs["train"], str(tmp_path), (2, 1, 3), [((2, 1, 3), "exact"), ((2, 1, 0), )])

@@ -1,19 +1,22 @@
 """Exact resume: N steps straight == k steps, stop (a real SIGUSR1), resume, on to N.
 
-Real DeepSpeed engines on 2 gloo ranks, ZeRO 0-3, dropout on (so the RNG states matter): the
+Real DeepSpeed engines on 2 gloo ranks (dp=2, or tp=2), ZeRO 0-3, dropout on (so the RNG states matter): the
 losses and gradient norms of steps k+1..N must be bitwise equal to the straight run's.
 """
 import os
 
-from ckpt_helpers import metrics, run_ranks, tiny_data, train  # noqa: F401 - tiny_data is a fixture
+import pytest
+
+from ckpt_helpers import metrics, run_ranks, train
 
 N, K = 5, 2
 
 
-def _exact(data, base, stages):
+def _exact(data, base, stages, tp):
     out = {}
     for z in stages:
-        common = (f"parallel.zero_stage={z}", f"train.steps={N}", "model.dropout=0.1", "checkpoint.every=0")
+        common = (f"parallel.zero_stage={z}", f"parallel.tp={tp}", f"train.steps={N}", "model.dropout=0.1",
+                  "checkpoint.every=0")
         a, b = os.path.join(base, f"z{z}-straight"), os.path.join(base, f"z{z}-resumed")
         train(data, a, *common)
         t = train(data, b, *common, stop_after=K)
@@ -27,8 +30,10 @@ def _exact(data, base, stages):
     return out
 
 
-def test_exact_resume_zero_0_to_3(tiny_data, tmp_path):
-    res = run_ranks(2, _exact, tiny_data, str(tmp_path), [0, 1, 2, 3], tmp=str(tmp_path))
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
+def test_exact_resume_zero_0_to_3(tiny_pairs, tmp_path, tp):
+    res = run_ranks(2, _exact, tiny_pairs["train"], str(tmp_path), [0, 1, 2, 3], tp, tmp=str(tmp_path))
     for z, r in res.items():
         assert r["stopped_at"] == K and r["latest"] == f"step{K:08d}" and r["final_step"] == N, (z, r)
         for s in range(K + 1, N + 1):
