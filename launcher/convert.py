@@ -1,93 +1,100 @@
-"""`encdec convert CHECKPOINT OUT`: a training checkpoint (any ZeRO stage) -> a Hugging Face folder.
+"""`encdec convert CHECKPOINT OUT`: a training checkpoint (any ZeRO stage, any TP degree) -> a Hugging Face folder.
 
 OUT holds config.json, model.safetensors, generation_config.json and the tokenizer, loadable by
-AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers. Runs offline in
-one process; written under a temporary name and renamed when complete.
+AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers.
+
+Offline, one process, bounded memory: the weights are read one parameter at a time from the
+checkpoint's files (memory-mapped, launcher/ckpt_reader.py: the optimizer state is never read)
+and streamed into model.safetensors (launcher/st_writer.py), so the process holds about one
+parameter beyond the mapped fp32 weight pages. Files are verified against the sizes and sha256
+recorded at save time first. Written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 
 import torch
 
-from launcher.checkpoint import LATEST, CheckpointError, read_latest
+from launcher.checkpoint import LATEST, read_latest, verify_files
+from launcher.ckpt_reader import STATE_FILE, CheckpointError, CheckpointReader, read_state
 from launcher.config import config_from_dict
-from model.hf_adapter import hf_config, to_hf_state_dict
+from launcher.st_writer import StreamingSafetensorsWriter
+from model.hf_adapter import hf_config, to_hf_key
+from model.transformer import sinusoid_table
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
     """A run folder, a checkpoints folder (with `latest`) or one checkpoint tag folder -> (root, tag)."""
-    path = path.rstrip("/")
+    path = os.path.abspath(path.rstrip("/"))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     for root in (os.path.join(path, "checkpoints"), path):
         if os.path.isfile(os.path.join(root, LATEST)):
             return root, read_latest(root)
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
         return os.path.dirname(path), os.path.basename(path)
-    raise CheckpointError(f"not a checkpoint: {path} (no '{LATEST}' file or trainer_state.json)")
+    raise CheckpointError(f"not a checkpoint: {path} (no '{LATEST}' file or {STATE_FILE})")
 
 
 def load_trainer_state(root: str, tag: str) -> dict:
-    p = os.path.join(root, tag, "trainer_state.json")
-    if not os.path.isfile(p):
-        raise CheckpointError(f"checkpoint {os.path.join(root, tag)} is incomplete: no trainer_state.json")
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    return read_state(os.path.join(root, tag))
 
 
-def _zero_stage(tag_dir: str) -> int:
-    return 3 if glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_*_model_states.pt")) else 0
-
-
-def _load_ds(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-
-
-def consolidated_state_dict(root: str, tag: str, cfg) -> dict:
+def consolidated_state_dict(root: str, tag: str, cfg=None) -> dict:
     """The unsharded fp32 model parameters of a checkpoint, whatever its ZeRO stage and TP degree."""
-    tag_dir = os.path.join(root, tag)
-    tp = cfg.parallel.tp
-    if _zero_stage(tag_dir) == 3:
-        if tp != 1:
-            raise CheckpointError("ZeRO-3 checkpoints with tp > 1 are not supported")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
-    shards = []
-    for r in range(tp):
-        f = os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt")
-        if not os.path.isfile(f):
-            raise CheckpointError(f"checkpoint file missing: {f}")
-        shards.append({k: v.float() for k, v in _load_ds(f)["module"].items()})
-    if tp == 1:
-        return shards[0]
-    from launcher.parallel.plan import merge_tp_state_dicts, shard_dims_for_config
-    return merge_tp_state_dicts(shards, shard_dims_for_config(cfg.model))
+    reader = CheckpointReader(os.path.join(root, tag))
+    return {name: reader.get(name) for name in reader.names()}
 
 
-def convert(checkpoint: str, out: str, overwrite: bool = False) -> str:
+def _hf_tensors(reader: CheckpointReader, mc):
+    """(specs, iterator of (HF name, tensor)) for model.safetensors, one parameter at a time."""
+    specs = [(to_hf_key(n), torch.float32, s) for n, s in reader.shapes.items()]
+    extra = {"model.encoder.embed_positions.weight": sinusoid_table(mc.max_positions, mc.d_model)}
+    extra["model.decoder.embed_positions.weight"] = extra["model.encoder.embed_positions.weight"]
+    bias = torch.zeros(1, mc.vocab_size)
+    bias[0, (mc.real_vocab_size or mc.vocab_size):] = -1e9
+    extra["final_logits_bias"] = bias
+    specs += [(k, torch.float32, tuple(v.shape)) for k, v in extra.items()]
+
+    def items():
+        for n in reader.names():
+            yield to_hf_key(n), reader.get(n)
+        yield from extra.items()
+    return specs, items()
+
+
+def write_hf_weights(reader: CheckpointReader, path: str, progress: bool = True) -> None:
+    from tqdm import tqdm
+    mc = reader.cfg.model
+    specs, items = _hf_tensors(reader, mc)
+    with StreamingSafetensorsWriter(path, specs, metadata={"format": "pt"}) as w:
+        for name, t in tqdm(items, total=len(specs), desc="export", unit="tensor", disable=not progress,
+                            mininterval=0.5):
+            w.write(name, t)
+
+
+def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = True, progress: bool = True) -> str:
     root, tag = resolve_checkpoint(checkpoint)
-    state = load_trainer_state(root, tag)
+    tag_dir = os.path.join(root, tag)
+    state = read_state(tag_dir)
+    if state.get("files") is not None or state["format"] == "deepspeed":
+        verify_files(tag_dir, state, full=verify)
     cfg = config_from_dict(state["config"])
     mc = cfg.model
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"output folder exists: {out} (pass --overwrite)")
-    tok = os.path.join(root, "tokenizer.json")
+    tok = os.path.join(tag_dir, "tokenizer.json")
     if not os.path.isfile(tok):
-        raise CheckpointError(f"checkpoint {root} has no tokenizer.json")
-    sd = consolidated_state_dict(root, tag, cfg)
-    hf_sd = to_hf_state_dict(sd, mc)
+        tok = os.path.join(root, "tokenizer.json")          # checkpoints written before one per tag
+    if not os.path.isfile(tok):
+        raise CheckpointError(f"checkpoint {tag_dir} has no tokenizer.json")
+    reader = CheckpointReader(tag_dir, state)
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        from safetensors.torch import save_file
         from transformers import GenerationConfig
         from data.tokenizer import save_hf_tokenizer
         hcfg = hf_config(mc)
@@ -96,10 +103,10 @@ def convert(checkpoint: str, out: str, overwrite: bool = False) -> str:
         GenerationConfig(decoder_start_token_id=mc.decoder_start_id, eos_token_id=mc.eos_id, pad_token_id=mc.pad_id,
                          bos_token_id=mc.decoder_start_id,
                          max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
-        save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_hf_weights(reader, os.path.join(tmp, "model.safetensors"), progress=progress)
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:
-            json.dump({"checkpoint": os.path.abspath(os.path.join(root, tag)), "step": state["step"]}, f)
+            json.dump({"checkpoint": tag_dir, "step": state["step"]}, f)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
