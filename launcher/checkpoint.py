@@ -96,12 +96,13 @@ def read_latest(root: str) -> str | None:
 
 # ----------------------------------------------------------------------------- fault injection (tests)
 
-def _maybe_kill(point: str, rank: int) -> None:
-    """ENCDEC_CKPT_KILL=rank:point sends SIGKILL to that rank at that point of a save (kill -9 tests)."""
+def _maybe_kill(point: str, rank: int, tag: str) -> None:
+    """ENCDEC_CKPT_KILL=rank:point:tag sends SIGKILL to that rank at that point of that save (kill -9
+    tests). Points: ds-file (after each DeepSpeed file), files-written, before-rename, before-latest."""
     spec = os.environ.get("ENCDEC_CKPT_KILL")
     if spec:
-        r, p = spec.split(":", 1)
-        if int(r) == rank and p == point:
+        r, p, t = spec.split(":", 2)
+        if int(r) == rank and p == point and t == tag:
             print(f"ENCDEC_CKPT_KILL: rank {rank} killed at '{point}'", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -143,7 +144,7 @@ def _safe_io_class():
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
                 self.written.append(path)
-                _maybe_kill("ds-file", self.rank)
+                _maybe_kill("ds-file", self.rank, os.path.basename(os.path.dirname(path)).removesuffix(PARTIAL))
 
             def load(self, path: str, map_location=None):
                 return load_pt(path, mmap=False)
@@ -226,7 +227,7 @@ def save(trainer) -> str:
     if io is None:                                     # a custom engine: list what is there
         written = [os.path.join(part_dir, f) for f in os.listdir(part_dir)]
     files = {os.path.relpath(p, part_dir): file_digest(p) for p in written}
-    _maybe_kill("files-written", rank)
+    _maybe_kill("files-written", rank, tag)
     all_files = {}
     for d in _gather(files):
         all_files.update(d)
@@ -240,14 +241,18 @@ def save(trainer) -> str:
                  "scheduler": _jsonable(trainer.scheduler.state_dict()) if trainer.scheduler else None,
                  "optimizer_param_names": _optimizer_param_names(trainer), "files": all_files}
         _atomic_write(os.path.join(part_dir, STATE_FILE), json.dumps(state, indent=1))
-        _maybe_kill("before-rename", rank)
+        _maybe_kill("before-rename", rank, tag)
         if os.path.isdir(final_dir):                    # a re-save of this step (after a rollback)
             shutil.rmtree(final_dir)
         os.rename(part_dir, final_dir)
         _fsync_dir(root)
-        _maybe_kill("before-latest", rank)
+        _maybe_kill("before-latest", rank, tag)
         _atomic_write(os.path.join(root, LATEST), tag)
         _prune(root, cfg.checkpoint.keep, keep_tag=tag)
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):   # DeepSpeed's recovery scripts: `encdec convert`
+            for d in (root, final_dir):
+                if os.path.isfile(os.path.join(d, script)):
+                    os.remove(os.path.join(d, script))
     dist.barrier()
     return final_dir
 

@@ -55,8 +55,13 @@ def load_pt(path: str, mmap: bool = True):
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised as one line naming the file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {msg}") from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines()] or [type(e).__name__]
+        if lines[0].startswith("Weights only load failed"):
+            why = [ln for ln in lines if "GLOBAL" in ln] or lines[-1:]
+            raise CheckpointError(f"refusing to load checkpoint file {path}: it pickles more than tensors and "
+                                  f"plain data (weights_only load: {why[0].removeprefix('WeightsUnpickler error: ')})"
+                                  ) from None
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {lines[0]}") from None
 
 
 def read_state(tag_dir: str) -> dict:

@@ -91,6 +91,30 @@ def _entry(rank: int, world: int, port: int, fn, args, out_file: str) -> None:
         raise SystemExit(1)
 
 
+def run_ranks_killed(world: int, fn, *args, env: dict, tmp: str, wait_s: float = 60.0) -> list:
+    """Runs fn on `world` forked ranks with `env` set (e.g. ENCDEC_CKPT_KILL) where some rank is
+    expected to die; ranks still alive wait_s seconds after the first death are killed too, as a
+    job scheduler would. Returns the exit codes."""
+    import time
+    os.environ.update(env)
+    try:
+        ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, os.path.join(tmp, "killed")), nprocs=world,
+                                 join=False, start_method="fork")
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+    procs, first_death = ctx.processes, None
+    while any(p.is_alive() for p in procs):
+        if first_death is None and any(not p.is_alive() for p in procs):
+            first_death = time.time()
+        if first_death is not None and time.time() - first_death > wait_s:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        time.sleep(0.1)
+    return [p.exitcode for p in procs]
+
+
 def run_ranks(world: int, fn, *args, tmp: str):
     """Runs fn(*args) on `world` forked ranks; returns rank 0's result or raises with the first error."""
     out = os.path.join(tmp, f"result-{os.getpid()}-{_free_port()}")
