@@ -214,22 +214,37 @@ class _Zero3:
         return torch.cat(parts)[:_numel(shape)].view(shape).clone()
 
 
-class _SafeTensors:
-    """Whole tensors from safetensors files: layout-free checkpoints and Hugging Face folders."""
+class _Whole:
+    """Whole tensors by name from safetensors (or weights_only .bin) files: layout-free checkpoints and
+    Hugging Face folders. index: our parameter name -> (file, key in that file)."""
 
-    def __init__(self, model_file: str, optim_file: str | None = None, key_map=None):
-        from safetensors import safe_open
-        self.key_map = key_map or (lambda n: n)
-        try:
-            self.f = safe_open(model_file, framework="pt")
-            self.o = safe_open(optim_file, framework="pt") if optim_file and os.path.isfile(optim_file) else None
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {model_file}: {e}") from None
-        self.model_file = model_file
-        self._step = int((self.o.metadata() or {}).get("step", 0)) if self.o else None
+    def __init__(self, index: dict[str, tuple[str, str]], optim_file: str | None = None):
+        self.index, self._files = index, {}
+        self.o = self._open(optim_file) if optim_file and os.path.isfile(optim_file) else None
+        self._step = int(self.o.metadata()["step"]) if self.o is not None else None
+
+    def _open(self, path: str):
+        if path not in self._files:
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+                try:
+                    self._files[path] = safe_open(path, framework="pt")
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
+            else:
+                self._files[path] = load_pt(path)
+        return self._files[path]
+
+    def _tensor(self, path: str, key: str) -> torch.Tensor:
+        f = self._open(path)
+        return f[key] if isinstance(f, dict) else f.get_tensor(key)
 
     def shapes(self) -> dict:
-        return {k: tuple(self.f.get_slice(k).get_shape()) for k in self.f.keys()}
+        out = {}
+        for name, (path, key) in self.index.items():
+            f = self._open(path)
+            out[name] = tuple(f[key].shape) if isinstance(f, dict) else tuple(f.get_slice(key).get_shape())
+        return out
 
     def has_optimizer(self) -> bool:
         return self.o is not None
@@ -239,7 +254,7 @@ class _SafeTensors:
 
     def get(self, name: str, key: str) -> torch.Tensor:
         if key == "fp32":
-            return self.f.get_tensor(self.key_map(name)).float()
+            return self._tensor(*self.index[name]).float()
         return self.o.get_tensor(f"{key}/{name}")
 
 
@@ -276,11 +291,11 @@ class CheckpointReader:
                 else:
                     self._sources[r] = _Zero3(self.tag_dir, r, self.dp)
             elif self.format == "layout-free":
-                self._sources[r] = _SafeTensors(os.path.join(self.tag_dir, "model.safetensors"),
-                                                os.path.join(self.tag_dir, "optimizer.safetensors"))
+                f = os.path.join(self.tag_dir, "model.safetensors")
+                self._sources[r] = _Whole({n: (f, n) for n in self.shapes},
+                                          os.path.join(self.tag_dir, "optimizer.safetensors"))
             elif self.format == "hf":
-                from model.hf_adapter import to_hf_key
-                self._sources[r] = _SafeTensors(self.state["weights_file"], key_map=to_hf_key)
+                self._sources[r] = _Whole({n: tuple(v) for n, v in self.state["weights"].items()})
             else:
                 raise CheckpointError(f"checkpoint {self.tag_dir}: unknown format {self.format!r}")
         return self._sources[r]
