@@ -147,7 +147,7 @@ def _safe_io_class():
                 _maybe_kill("ds-file", self.rank, os.path.basename(os.path.dirname(path)).removesuffix(PARTIAL))
 
             def load(self, path: str, map_location=None):
-                return load_pt(path, mmap=False)
+                return load_pt(path, mmap=False, map_location=map_location or "cpu")
         _SAFE_IO = _SafeIO
     return _SAFE_IO
 
@@ -387,15 +387,19 @@ def _is_hf_folder(path: str) -> bool:
 
 
 def _check_tokenizer(tag_dir: str, state: dict, run_tok: str) -> None:
+    """The checkpoint's tokenizer must map the same tokens to the same ids as the run's."""
     tok = os.path.join(tag_dir, "tokenizer.json")
     if not os.path.isfile(tok):
         tok = os.path.join(os.path.dirname(tag_dir), "tokenizer.json")     # older layout: one per root
     if not os.path.isfile(tok):
         return
-    if state["format"] == "hf":
-        from launcher.hf_import import same_vocab
-        if not same_vocab(tok, run_tok):
-            raise CheckpointError(f"{tok}: the model's tokenizer differs from the training data's {run_tok}")
+    if file_digest(tok)["sha256"] == file_digest(run_tok)["sha256"]:
         return
-    if file_digest(tok)["sha256"] != file_digest(run_tok)["sha256"]:
-        raise CheckpointError(f"checkpoint {tag_dir} was trained with another tokenizer than {run_tok}")
+    from tokenizers import Tokenizer
+    try:
+        same = Tokenizer.from_file(tok).get_vocab() == Tokenizer.from_file(run_tok).get_vocab()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read tokenizer {tok}: {e}") from None
+    if not same:
+        raise CheckpointError(f"checkpoint {tag_dir} was trained with another tokenizer than {run_tok} "
+                              f"(the vocabularies differ)")

@@ -47,13 +47,13 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_pt(path: str, mmap: bool = True):
+def load_pt(path: str, mmap: bool = True, map_location="cpu"):
     """torch.load with weights_only=True (plus DeepSpeed's few plain classes); errors name the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised as one line naming the file
         lines = [ln.strip() for ln in str(e).strip().splitlines()] or [type(e).__name__]
         if lines[0].startswith("Weights only load failed"):
@@ -210,8 +210,15 @@ class _Zero3:
 
     def get(self, name: str, key: str) -> torch.Tensor:
         off, pn, shape = self.where[name]
-        parts = [t for d in range(len(self.files)) for t in self._range(d, off, off + pn, key)]
-        return torch.cat(parts)[:_numel(shape)].view(shape).clone()
+        n = _numel(shape)
+        out, pos = torch.empty(n, dtype=torch.float32), 0
+        for d in range(len(self.files)):                   # slice d covers [d*pn, (d+1)*pn), the last one padded
+            for t in self._range(d, off, off + pn, key):
+                k = min(t.numel(), n - pos)
+                if k > 0:
+                    out[pos:pos + k] = t[:k]
+                pos += t.numel()
+        return out.view(shape)
 
 
 class _Whole:
@@ -314,8 +321,8 @@ class CheckpointReader:
             if self.tp == 1:
                 self._dims = {}
             else:
-                from launcher.parallel import shard_dims_for_config
-                self._dims = shard_dims_for_config(self.cfg.model)
+                from launcher.parallel import shard_dims
+                self._dims = shard_dims(meta_model(self.cfg.model))
         return self._dims
 
     def get(self, name: str, key: str = "fp32") -> torch.Tensor:
@@ -337,9 +344,17 @@ class CheckpointReader:
         return t.float().contiguous()
 
 
-def model_shapes(mc) -> dict[str, tuple]:
-    """Parameter name -> shape of the unsharded model, in module order (built on the meta device)."""
+def meta_model(mc):
+    """The unsharded model on the meta device (shapes only, no memory, no initialisation)."""
+    from unittest import mock
     from model.transformer import Transformer
-    with torch.device("meta"):
-        m = Transformer(mc)
-    return {n: tuple(p.shape) for n, p in m.named_parameters()}
+    # normal_ and arange on meta tensors go through torch's Python decompositions (a second of imports);
+    # values do not matter here, so the initialisation and the position table are skipped
+    with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *a, **k: t), \
+            mock.patch("model.transformer.sinusoid_table", lambda n, d: torch.empty(n, d)):
+        return Transformer(mc)
+
+
+def model_shapes(mc) -> dict[str, tuple]:
+    """Parameter name -> shape of the unsharded model, in module order."""
+    return {n: tuple(p.shape) for n, p in meta_model(mc).named_parameters()}

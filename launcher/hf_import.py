@@ -110,11 +110,6 @@ def hf_state(hf_dir: str) -> dict:
             "config": config_to_dict(cfg), "weights": weights, "source": hf_dir}
 
 
-def same_vocab(tok_a: str, tok_b: str) -> bool:
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(tok_a).get_vocab() == Tokenizer.from_file(tok_b).get_vocab()
-
-
 def import_hf(hf_dir: str, out: str, overwrite: bool = False, progress: bool = True) -> dict:
     """Writes the folder as an encdec checkpoint (layout-free) at OUT; returns its trainer state."""
     from tqdm import tqdm

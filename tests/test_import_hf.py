@@ -103,7 +103,14 @@ def _continue(data, base, hf, norm):
     first = next(iter(build_stream(cfg, data, 0, 1, shuffle=True)))   # the batch of step 1 (dp=1, accum 1)
     torch.save(first, os.path.join(base, "first_batch.pt"))
     t.train()
-    return {"loss1": metrics(os.path.join(base, "run"))[1]["loss"]}
+    # the same from the folder imported as an encdec (layout-free) checkpoint
+    from launcher.hf_import import import_hf
+    import_hf(hf, os.path.join(base, "imported"), progress=False)
+    over = over[:-2] + (f"checkpoint.resume={os.path.join(base, 'imported')}", over[-1])
+    trainer(data, os.path.join(base, "run2"), *over).train()
+    return {"loss1": metrics(os.path.join(base, "run"))[1]["loss"],
+            "imported": [metrics(os.path.join(base, "run2"))[s]["loss"] for s in (1, 2)],
+            "direct": [metrics(os.path.join(base, "run"))[s]["loss"] for s in (1, 2)]}
 
 
 def test_trainer_starts_from_hf_folder(hf_folder, tiny_pairs, tmp_path):
@@ -119,3 +126,4 @@ def test_trainer_starts_from_hf_folder(hf_folder, tiny_pairs, tmp_path):
         logits = model(input_ids=b["src"], attention_mask=b["src_mask"].long(), decoder_input_ids=b["tgt_in"]).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
     assert res["loss1"] == pytest.approx(loss.item(), rel=1e-6)
+    assert res["imported"] == res["direct"]
