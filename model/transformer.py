@@ -213,12 +213,10 @@ class Transformer(nn.Module):
         # (B, T, D) @ (D, V) tied to the embedding; padded vocabulary rows pushed to -1e9
         return F.linear(h, self.embed.weight) + self.logits_bias
 
-    def forward(self, src_ids, src_mask, tgt_ids):
-        return self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
-
-    def loss(self, src_ids, src_mask, tgt_ids, labels):
-        """Summed cross-entropy and the number of target tokens (labels != -100)."""
-        return self.criterion(self(src_ids, src_mask, tgt_ids), labels)
+    def forward(self, src_ids, src_mask, tgt_ids, labels=None):
+        """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count."""
+        logits = self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
+        return logits if labels is None else self.criterion(logits, labels)
 
 
 def count_parameters(c: ModelConfig) -> int:

@@ -1,0 +1,79 @@
+"""Tokenizer: a byte-level BPE trained with Hugging Face tokenizers, saved as tokenizer.json.
+
+Special ids are fixed so the model, the data and the exported Hugging Face model agree:
+    0 <pad>   1 </s> (eos)   2 <unk>   3.. <extra_id_0>, <extra_id_1>, ... (span-corruption sentinels)
+Every encoded sequence ends with </s> (a post-processor appends it).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+NUM_SENTINELS = 100
+SENTINEL_BASE = 3
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def special_tokens(num_sentinels: int = NUM_SENTINELS) -> list[str]:
+    return [PAD, EOS, UNK] + [sentinel(i) for i in range(num_sentinels)]
+
+
+def _with_post_processor(tok: Tokenizer) -> Tokenizer:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, EOS_ID)])
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, num_sentinels: int = NUM_SENTINELS) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens(num_sentinels),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    for i, s in enumerate(special_tokens(num_sentinels)):
+        assert tok.token_to_id(s) == i, f"special token {s} did not get id {i}"
+    return _with_post_processor(tok)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    tok = Tokenizer.from_file(path)
+    for i, s in enumerate([PAD, EOS, UNK]):
+        if tok.token_to_id(s) != i:
+            raise ValueError(f"tokenizer {path}: special token {s} must have id {i}, has {tok.token_to_id(s)}")
+    return tok
+
+
+def num_sentinels(tok: Tokenizer) -> int:
+    n = 0
+    while tok.token_to_id(sentinel(n)) == SENTINEL_BASE + n:
+        n += 1
+    return n
+
+
+def tokenizer_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def save_hf_tokenizer(tok_path: str, out_dir: str, model_max_length: int) -> None:
+    """Writes a folder AutoTokenizer.from_pretrained loads (stock PreTrainedTokenizerFast)."""
+    from transformers import PreTrainedTokenizerFast
+    tok = load_tokenizer(tok_path)
+    n = num_sentinels(tok)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                 additional_special_tokens=[sentinel(i) for i in range(n)],
+                                 model_max_length=model_max_length)
+    hf.save_pretrained(out_dir)

@@ -1,0 +1,117 @@
+"""`encdec` command: prepare | train | convert | generate | plot.
+
+Every expected failure (bad config, missing or bad input, bad checkpoint) ends with one line
+`encdec: error: ...` naming the file/key/value, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from data.corpus import CorpusError
+from launcher.checkpoint import CheckpointError
+from launcher.config import ConfigError
+
+
+def _prepare(a) -> int:
+    from data.prepare import prepare
+    man = prepare(a.inputs, a.out, objective=a.objective, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                  shard_size=a.shard_size, text_field=a.text_field, src_field=a.src_field,
+                  tgt_field=a.tgt_field, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"prepared {man['num_samples']} samples, {man['num_tokens']} tokens in {len(man['shards'])} shards -> {a.out}")
+    return 0
+
+
+def _train(a) -> int:
+    from launcher.config import load_config, validate_layout
+    cfg = load_config(a.config, a.overrides)            # fail here, before any process starts
+    if a.nproc and a.nproc > 1:
+        validate_layout(cfg, a.nproc)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+               "-m", "launcher.train", a.config, *a.overrides]
+        return subprocess.call(cmd)
+    from launcher.train import run
+    run(a.config, a.overrides)
+    return 0
+
+
+def _convert(a) -> int:
+    from launcher.convert import convert
+    out = convert(a.checkpoint, a.out, overwrite=a.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate(a) -> int:
+    from launcher.hf_generate import generate
+    for line in generate(a.model_dir, a.texts, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens):
+        print(line)
+    return 0
+
+
+def _plot(a) -> int:
+    from launcher.plot import plot
+    for p in plot(a.run_dir):
+        print(p)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encdec", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("prepare", help="raw text/JSONL -> tokenizer + webdataset shards")
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--objective", choices=["span", "pairs"], default="span")
+    s.add_argument("--tokenizer", help="reuse this tokenizer.json (or a prepared folder) instead of training one")
+    s.add_argument("--vocab-size", type=int, default=8000)
+    s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--src-field", default="src")
+    s.add_argument("--tgt-field", default="tgt")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_prepare)
+
+    s = sub.add_parser("train", help="train from a YAML config (key.sub=value overrides)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun)")
+    s.set_defaults(fn=_train)
+
+    s = sub.add_parser("convert", help="training checkpoint -> Hugging Face folder")
+    s.add_argument("checkpoint")
+    s.add_argument("out")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_convert)
+
+    s = sub.add_parser("generate", help="generate with a converted model through transformers")
+    s.add_argument("model_dir")
+    s.add_argument("texts", nargs="+")
+    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.set_defaults(fn=_generate)
+
+    s = sub.add_parser("plot", help="PNG curves from a run folder's metrics.jsonl")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"encdec: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The training loop: a DeepSpeed engine over the Transformer, fed by the data stream.
+
+Batch arithmetic, per optimizer step:
+    global_batch_size = micro_batch_size x accum x dp          (samples)
+    loss = sum of token losses over the whole global batch / number of target tokens in it
+Every rank fetches its `accum` micro-batches first and the token count is summed over the
+data-parallel group, so each micro-batch's backward carries exactly its share of that loss:
+the result equals one process on the same global batch, whatever dp and accum are.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from data.stream import DataStream
+from launcher import checkpoint as ckpt
+from launcher.build import build_model, build_optimizer, build_stream, ds_config
+from launcher.config import RunConfig, save_config, validate_layout
+from launcher.dist_env import DistEnv
+from launcher.monitor import Monitor
+
+STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
+
+
+def init_distributed(env: DistEnv, timeout_s: int) -> str:
+    """Process group over all ranks: NCCL on GPUs, gloo on CPU. Returns the device string."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device, backend = f"cuda:{env.local_rank}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                   rank=env.rank, world_size=env.world_size, auto_mpi_discovery=False)
+    return device
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.device = init_distributed(env, cfg.train.collective_timeout_s)
+        self.dp = validate_layout(cfg, env.world_size)
+        self.dims, self.mpu = build_parallel(cfg, env)
+        self.dp_rank = self.mpu.get_data_parallel_rank() if self.mpu else env.rank
+        self.dp_group = self.mpu.get_data_parallel_group() if self.mpu else None
+        self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+        self.is_rank0 = env.rank == 0
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.is_rank0:
+            save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+            stale = os.path.join(cfg.out_dir, STOP_FILE)
+            if os.path.exists(stale):
+                os.remove(stale)
+
+        torch.manual_seed(cfg.train.seed)
+        model, self.tokenizer_path = build_model(cfg)
+        if self.dims is not None:
+            from launcher.parallel.plan import parallelize
+            model = parallelize(model, self.dims, activation_checkpointing=cfg.parallel.activation_checkpointing)
+        model.to(self.device)
+        if cfg.parallel.zero_stage == 3:
+            # the output projection is tied to the embedding and used outside embed's forward
+            deepspeed.zero.register_external_parameter(model, model.embed.weight)
+        optimizer, scheduler = build_optimizer(cfg, model, self.device)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=self.mpu,
+            config=ds_config(cfg, self.accum), dist_init_required=False)
+        self.stream: DataStream = build_stream(cfg, cfg.data.train, self.dp_rank, self.dp, shuffle=True)
+        self.step, self.tokens_seen = 0, 0
+        self.monitor = Monitor(cfg, cfg.out_dir, self.is_rank0)
+        self._stop_signal = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        ckpt.maybe_resume(self)
+
+    # ------------------------------------------------------------------ helpers
+    def _on_signal(self, signum, frame):
+        self._stop_signal = True
+
+    def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t, op=op, group=group)
+        return t
+
+    def _stop_agreed(self) -> bool:
+        """All ranks agree to stop at the same step if any rank got SIGUSR1/SIGTERM."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        return bool(self._all_reduce(flag, op=dist.ReduceOp.MAX).item() > 0)
+
+    def _autocast(self):
+        dev = "cuda" if self.device.startswith("cuda") else "cpu"
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def _to_device(self, b):
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batches: list[dict]) -> dict:
+        """One optimizer step over `accum` micro-batches; returns the global mean loss and counts."""
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        local_src = sum(int(b["src_mask"].sum()) for b in batches)
+        counts = self._all_reduce(torch.tensor([local_tokens, local_src], dtype=torch.float64), self.dp_group)
+        n_tgt = counts[0].item()
+        scale = self.dp * self.accum / max(n_tgt, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for b in batches:
+            b = self._to_device(b)
+            with self._autocast():
+                loss, _ = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            loss_sum += loss.detach().double().cpu()
+        loss_sum = self._all_reduce(loss_sum, self.dp_group)
+        return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item()}
+
+    def train(self) -> dict:
+        cfg, total = self.cfg, self.cfg.train.steps
+        it = iter(self.stream)
+        last = {}
+        t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
+        while self.step < total:
+            t0 = time.perf_counter()
+            batches = [next(it) for _ in range(self.accum)]
+            data_wait += time.perf_counter() - t0
+            _maybe_inject_fault(self.step, self.env.rank)
+            stats = self.train_step(batches)
+            self.step += 1
+            self.tokens_seen += int(stats["tgt_tokens"] + stats["src_tokens"])
+            last = stats
+            n_since += 1
+            if self.step % cfg.train.log_every == 0 or self.step == total:
+                now = time.perf_counter()
+                self._log(stats, n_since, now - t_last, data_wait)
+                t_last, data_wait, n_since = now, 0.0, 0
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and cfg.data.valid:
+                self.evaluate()
+            stop = self._stop_agreed()
+            if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == total:
+                ckpt.save(self)
+            if stop:
+                if self.is_rank0:
+                    open(os.path.join(cfg.out_dir, STOP_FILE), "w").close()
+                    print(f"stopped by signal at step {self.step}; checkpoint saved, requeue requested", flush=True)
+                break
+        if self.step >= total and cfg.data.valid and not cfg.train.eval_every:
+            self.evaluate()
+        self.monitor.close()
+        return last
+
+    def _log(self, stats: dict, n_steps: int, elapsed: float, data_wait: float) -> None:
+        """Rank 0: metrics over the last n_steps steps (rates measured over that window)."""
+        tokens = (stats["tgt_tokens"] + stats["src_tokens"]) * n_steps    # approx: last step's count
+        step_time = elapsed / max(n_steps, 1)
+        world = self.env.world_size
+        metrics = {
+            "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / world,
+            "samples_per_s": self.cfg.train.global_batch_size * n_steps / elapsed,
+            "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.tokens_seen,
+        }
+        self.monitor.log(self.step, metrics)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss over one ordered pass of the held-out shards (the same on every run)."""
+        self.engine.eval()
+        stream = build_stream(self.cfg, self.cfg.data.valid, self.dp_rank, self.dp, shuffle=False,
+                              global_batch=self.cfg.train.micro_batch_size * self.dp)
+        from data.stream import steps_in_epoch
+        n = steps_in_epoch(stream.spec, 0)
+        tot = torch.zeros(2, dtype=torch.float64)
+        it = iter(stream)
+        for _ in range(n):
+            b = self._to_device(next(it))
+            with self._autocast():
+                loss, cnt = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
+            tot += torch.tensor([loss.item(), cnt.item()], dtype=torch.float64)
+        tot = self._all_reduce(tot, self.dp_group)
+        self.engine.train()
+        res = {"val_loss": tot[0].item() / max(tot[1].item(), 1)}
+        self.monitor.log_eval(self.step, res)
+        return res
+
+
+def build_parallel(cfg: RunConfig, env: DistEnv):
+    """(ParallelDims, mpu) for tp > 1; (None, None) for plain data parallelism."""
+    if cfg.parallel.tp == 1:
+        return None, None
+    from launcher.parallel.dims import ParallelDims
+    dims = ParallelDims(tp=cfg.parallel.tp, dp=env.world_size // cfg.parallel.tp, world_size=env.world_size)
+    dims.build(env.rank)
+    return dims, dims.mpu()
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault injection for the fail-fast tests: ENCDEC_FAULT=rank:step kills that rank there."""
+    spec = os.environ.get("ENCDEC_FAULT")
+    if spec:
+        r, s = (int(x) for x in spec.split(":"))
+        if r == rank and s == step:
+            print(f"ENCDEC_FAULT: rank {rank} exits at step {step}", flush=True)
+            os._exit(17)
