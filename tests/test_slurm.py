@@ -200,3 +200,26 @@ def test_trainer_rank_dies_job_fails_fast(slurm_cluster, shards, tmp_path):
     print(f"job {job}: ended {took:.1f} s after the fault")
     assert info["JobState"] == "FAILED" and info["ExitCode"].split(":")[0] != "0", read_text(log_path)[-3000:]
     assert took < 120
+
+
+@pytest.mark.slow
+def test_scancel_saves_a_checkpoint_and_is_not_requeued(slurm_cluster, shards, tmp_path):
+    """TERM (scancel) reaches the ranks: they save, but only the USR1 warning may requeue the job."""
+    run_dir = tmp_path / "run"
+    env = _train_env(tmp_path, run_dir, shards)
+    env["ENCDEC_OVERRIDES"] = env["ENCDEC_OVERRIDES"].replace(f"train.steps={STEPS}", "train.steps=500")
+    job = sbatch([*CPU_ARGS, "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out"], env)
+    log_path = f"{tmp_path}/{job}.out"
+    wait_for(lambda: len(_train_rows(run_dir)) >= 3 or job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
+             JOB_TIMEOUT, "training to start")
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    wait_for(lambda: "srun exited" in read_text(log_path), 60, "the batch script to finish")
+    time.sleep(1)                       # a requeue issued by the script would show by now
+    info = job_info(job)
+    log = read_text(log_path)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-3000:]
+    assert "got SIGTERM" in log and "not requeueing" in log, log[-3000:]
+    stopped = [ln for ln in log.splitlines() if ln.startswith("stopped by signal at step")]
+    assert len(stopped) == 1, log[-3000:]
+    k = int(stopped[0].split()[5].rstrip(";"))
+    assert read_text(os.path.join(run_dir, "checkpoints", "latest")).strip() == f"step{k:08d}"
