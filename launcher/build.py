@@ -60,7 +60,8 @@ def ds_config(cfg: RunConfig, accum: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # without ZeRO the trainer clips itself (to report the norm); ZeRO optimizers clip here
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

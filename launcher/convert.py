@@ -95,7 +95,7 @@ def convert(checkpoint: str, out: str, overwrite: bool = False) -> str:
         hcfg.save_pretrained(tmp)
         GenerationConfig(decoder_start_token_id=mc.decoder_start_id, eos_token_id=mc.eos_id, pad_token_id=mc.pad_id,
                          bos_token_id=mc.decoder_start_id,
-                         max_length=cfg.data.max_tgt_len + 1).save_pretrained(tmp)
+                         max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
         save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:

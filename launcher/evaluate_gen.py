@@ -26,26 +26,15 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
             "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
 
 
-@torch.no_grad()
 def greedy_generate(model, src_ids: torch.Tensor, src_mask: torch.Tensor, max_len: int) -> list[list[int]]:
-    """Greedy decoding: (B, S) source -> B lists of generated ids (without the start token,
-    cut after the first eos, which is kept)."""
+    """Greedy decoding (model.generate.greedy): (B, S) source -> B lists of generated ids, without the
+    start token, cut after the first eos (kept)."""
+    from model.generate import greedy
     c = model.config
     was_training = model.training
     model.eval()
     try:
-        memory = model.encode(src_ids, src_mask)                           # (B, S, D)
-        B = src_ids.shape[0]
-        ys = torch.full((B, 1), c.decoder_start_id, dtype=torch.long, device=src_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
-        for _ in range(max_len):
-            logits = model.logits(model.decode(ys, memory, src_mask)[:, -1:])  # (B, 1, V)
-            nxt = logits[:, 0].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, c.pad_id), nxt)
-            ys = torch.cat([ys, nxt[:, None]], dim=1)
-            done |= nxt == c.eos_id
-            if bool(done.all()):
-                break
+        ys = greedy(model, src_ids, src_mask, max_new_tokens=max_len)
     finally:
         model.train(was_training)
     out = []

@@ -15,6 +15,7 @@ import time
 from datetime import timedelta
 
 import deepspeed
+from deepspeed.runtime.utils import clip_grad_norm_
 import torch
 import torch.distributed as dist
 
@@ -23,7 +24,9 @@ from launcher import checkpoint as ckpt
 from launcher.build import build_model, build_optimizer, build_stream, ds_config
 from launcher.config import RunConfig, save_config, validate_layout
 from launcher.dist_env import DistEnv
+from launcher import flops
 from launcher.monitor import Monitor
+from model.transformer import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
 
@@ -73,8 +76,12 @@ class Trainer:
             config=ds_config(cfg, self.accum), dist_init_required=False)
         self.stream: DataStream = build_stream(cfg, cfg.data.train, self.dp_rank, self.dp, shuffle=True)
         self.step, self.tokens_seen = 0, 0
-        self.monitor = Monitor(cfg, cfg.out_dir, self.is_rank0)
+        self.monitor = Monitor(cfg, cfg.out_dir, self.is_rank0, extra_config={
+            "world_size": env.world_size, "dp": self.dp, "tp": cfg.parallel.tp, "accum": self.accum,
+            "n_params": count_parameters(cfg.model)})
+        self.peak_flops = flops.peak_flops(self.device, cfg.train.precision)
         self._stop_signal = False
+        self._grad_norm = 0.0
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         ckpt.maybe_resume(self)
@@ -105,25 +112,34 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns the global mean loss and counts."""
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         local_src = sum(int(b["src_mask"].sum()) for b in batches)
-        counts = self._all_reduce(torch.tensor([local_tokens, local_src], dtype=torch.float64), self.dp_group)
+        local_flops = sum(flops.train_flops(self.cfg.model, b["src"].shape[0], b["src"].shape[1], b["tgt_in"].shape[1],
+                                            recompute=False) for b in batches)
+        counts = self._all_reduce(torch.tensor([local_tokens, local_src, local_flops], dtype=torch.float64),
+                                  self.dp_group)
         n_tgt = counts[0].item()
         scale = self.dp * self.accum / max(n_tgt, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for b in batches:
+        for i, b in enumerate(batches):
             b = self._to_device(b)
             with self._autocast():
                 loss, _ = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
             self.engine.backward(loss * scale)
+            if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
+                # Without ZeRO, DeepSpeed clips but does not report the norm: clip here, with the
+                # same TP-aware function (each sharded parameter counted once, replicated ones once).
+                max_norm = self.cfg.optim.grad_clip or float("inf")
+                self._grad_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm, mpu=self.mpu))
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
         loss_sum = self._all_reduce(loss_sum, self.dp_group)
-        return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item()}
+        return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item(),
+                "flops": counts[2].item()}
 
     def train(self) -> dict:
         cfg, total = self.cfg, self.cfg.train.steps
         it = iter(self.stream)
         last = {}
-        t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
+        t_last, data_wait, n_since, window = time.perf_counter(), 0.0, 0, {}
         while self.step < total:
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(self.accum)]
@@ -133,11 +149,12 @@ class Trainer:
             self.step += 1
             self.tokens_seen += int(stats["tgt_tokens"] + stats["src_tokens"])
             last = stats
+            window = {k: window.get(k, 0.0) + v for k, v in stats.items()}
             n_since += 1
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 now = time.perf_counter()
-                self._log(stats, n_since, now - t_last, data_wait)
-                t_last, data_wait, n_since = now, 0.0, 0
+                self._log(stats, window, n_since, now - t_last, data_wait)
+                t_last, data_wait, n_since, window = now, 0.0, 0, {}
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and cfg.data.valid:
                 self.evaluate()
             stop = self._stop_agreed()
@@ -151,42 +168,34 @@ class Trainer:
         if self.step >= total and cfg.data.valid and not cfg.train.eval_every:
             self.evaluate()
         self.monitor.close()
-        return last
+        return {**last, "step": self.step}
 
-    def _log(self, stats: dict, n_steps: int, elapsed: float, data_wait: float) -> None:
-        """Rank 0: metrics over the last n_steps steps (rates measured over that window)."""
-        tokens = (stats["tgt_tokens"] + stats["src_tokens"]) * n_steps    # approx: last step's count
+    def grad_norm(self) -> float:
+        """The global gradient norm of the last step, before clipping."""
+        if self.cfg.parallel.zero_stage == 0:
+            return self._grad_norm
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    def _log(self, stats: dict, window: dict, n_steps: int, elapsed: float, data_wait: float) -> None:
+        """Metrics over the last n_steps steps (sums in `window`, rates over `elapsed` seconds)."""
+        tokens = window["tgt_tokens"] + window["src_tokens"]
         step_time = elapsed / max(n_steps, 1)
         world = self.env.world_size
         metrics = {
-            "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "loss": window["loss"] / n_steps, "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm(),
             "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / world,
             "samples_per_s": self.cfg.train.global_batch_size * n_steps / elapsed,
             "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.tokens_seen,
+            "mfu": flops.mfu(window["flops"] / n_steps, step_time, self.peak_flops, world),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.startswith("cuda") else 0.0,
+            "skipped_samples": getattr(self.stream, "skipped", 0),
         }
         self.monitor.log(self.step, metrics)
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss over one ordered pass of the held-out shards (the same on every run)."""
-        self.engine.eval()
-        stream = build_stream(self.cfg, self.cfg.data.valid, self.dp_rank, self.dp, shuffle=False,
-                              global_batch=self.cfg.train.micro_batch_size * self.dp)
-        from data.stream import steps_in_epoch
-        n = steps_in_epoch(stream.spec, 0)
-        tot = torch.zeros(2, dtype=torch.float64)
-        it = iter(stream)
-        for _ in range(n):
-            b = self._to_device(next(it))
-            with self._autocast():
-                loss, cnt = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
-            tot += torch.tensor([loss.item(), cnt.item()], dtype=torch.float64)
-        tot = self._all_reduce(tot, self.dp_group)
-        self.engine.train()
-        res = {"val_loss": tot[0].item() / max(tot[1].item(), 1)}
-        self.monitor.log_eval(self.step, res)
-        return res
+        from launcher.eval_loop import evaluate
+        return evaluate(self)
 
 
 def build_parallel(cfg: RunConfig, env: DistEnv):

@@ -24,3 +24,34 @@ def free_port() -> int:
 @pytest.fixture
 def port():
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory):
+    """A prepared pairs dataset (real tokenizer, real tar shards): {"train", "valid", "heldout_jsonl"}."""
+    from data.prepare import prepare
+    from data.synthetic import write_corpus
+    root = tmp_path_factory.mktemp("tiny_pairs")
+    train, held = write_corpus(str(root / "corpus"), n_heldout=64)
+    prepare([train], str(root / "train"), objective="pairs", vocab_size=300, shard_size=1500, progress=False)
+    prepare([held], str(root / "valid"), objective="pairs", tokenizer=str(root / "train"), progress=False)
+    return {"train": str(root / "train"), "valid": str(root / "valid"), "heldout_jsonl": held}
+
+
+def run_cli(args, timeout=300, env=None):
+    """Runs `python -m launcher.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def read_metrics(run_dir, kind="train"):
+    import json
+    rows = {}
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["kind"] == kind:
+                rows[r["step"]] = r
+    return [rows[k] for k in sorted(rows)]

@@ -1,0 +1,197 @@
+"""parallelize(model, mesh): tensor parallelism applied to the Transformer from outside.
+
+The plan (Megatron's split of a Transformer layer, heads and FFN columns across TP ranks):
+
+    Attention    q, k, v -> ColumnParallelLinear   (this rank's heads; Attention reads the local
+                 o       -> RowParallelLinear       head count from q.out_features)
+    FeedForward  fc1     -> ColumnParallelLinear
+                 fc2     -> RowParallelLinear
+    embed        -> VocabParallelEmbedding; the tied output projection F.linear(h, embed.weight)
+                    then yields this rank's vocabulary columns, and logits_bias is sliced to match
+    criterion    -> VocabParallelCrossEntropy (never gathers the full-vocabulary logits)
+
+Where replicated activations enter sharded weights, their gradient must be summed over the TP
+group (copy_to_tp). That happens once per consumer group, not once per linear layer:
+  - each Attention's query input (and its key/value input when it is the same tensor);
+  - the encoder output (memory), once for the key/value projections of every cross-attention;
+  - the decoder output h, before the tied output projection;
+  - the FFN input, inside fc1.
+Per layer this is the Megatron count: one all-reduce forward per row-parallel output, one
+backward per sharded input group. With tp == 1 nothing is replaced and no collective is issued.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from launcher.parallel.dims import Mesh, check_model_for_tp
+from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
+                                  VocabParallelEmbedding, copy_to_tp)
+from model.transformer import Attention, FeedForward, ModelConfig, Transformer
+
+# (module class, child linear, partition dim of its weight, is its bias sharded)
+_PLAN = [
+    (Attention, "q", 0, True), (Attention, "k", 0, True), (Attention, "v", 0, True), (Attention, "o", 1, False),
+    (FeedForward, "fc1", 0, True), (FeedForward, "fc2", 1, False),
+]
+
+
+def shard_dims(model: nn.Module) -> dict[str, int]:
+    """State-dict key -> dimension it is split along across TP ranks; keys not listed are replicated.
+
+    The same for the unsharded and the parallelized model (the module paths do not change).
+    """
+    dims = {"embed.weight": 0}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for cls, child, dim, bias_sharded in _PLAN:
+            if isinstance(m, cls):
+                dims[f"{prefix}{child}.weight"] = dim
+                if bias_sharded:
+                    dims[f"{prefix}{child}.bias"] = 0
+    return dims
+
+
+def shard_dims_for_config(c: ModelConfig) -> dict[str, int]:
+    """shard_dims without allocating the model (built on the meta device)."""
+    with torch.device("meta"):
+        return shard_dims(Transformer(c))
+
+
+def merge_tp_state_dicts(shards: list[dict], dims: dict[str, int], check_replicated: bool = True) -> dict:
+    """Per-TP-rank state dicts (index = tp rank) -> the unsharded model's state dict.
+
+    Sharded tensors are concatenated along their dimension; replicated ones are taken from rank 0
+    and, with check_replicated, must be identical on every rank (they are kept in sync exactly).
+    """
+    if not shards:
+        raise ValueError("merge_tp_state_dicts: no shards given")
+    keys = list(shards[0])
+    for r, sd in enumerate(shards[1:], 1):
+        if list(sd) != keys:
+            missing = sorted(set(keys) ^ set(sd))
+            raise ValueError(f"merge_tp_state_dicts: tp rank {r} has different keys (differ: {missing[:5]})")
+    out = {}
+    for k in keys:
+        ts = [sd[k] for sd in shards]
+        if k in dims and len(shards) > 1:
+            out[k] = torch.cat([t.detach().cpu() for t in ts], dim=dims[k])
+        else:
+            out[k] = ts[0]
+            if check_replicated and isinstance(ts[0], torch.Tensor):
+                for r, t in enumerate(ts[1:], 1):
+                    if not torch.equal(t.cpu(), ts[0].cpu()):
+                        raise ValueError(f"merge_tp_state_dicts: replicated tensor '{k}' differs between "
+                                         f"tp rank 0 and tp rank {r}")
+    return out
+
+
+def split_state_dict(full: dict, dims: dict[str, int], tp_rank: int, tp: int) -> dict:
+    """The inverse of merge_tp_state_dicts: this TP rank's slice of an unsharded state dict."""
+    out = {}
+    for k, t in full.items():
+        if k in dims and tp > 1:
+            n = t.shape[dims[k]]
+            if n % tp:
+                raise ValueError(f"split_state_dict: '{k}' size {n} along dim {dims[k]} does not split over tp={tp}")
+            out[k] = t.narrow(dims[k], tp_rank * (n // tp), n // tp).clone()
+        else:
+            out[k] = t
+    return out
+
+
+def gather_full_state_dict(model: nn.Module, mesh: Mesh, tensors: dict | None = None) -> dict:
+    """All-gathers the TP shards of `tensors` (default: model.state_dict()) on every TP rank -> unsharded keys.
+
+    Works for any dict keyed like the state dict (e.g. parameter gradients). Collective over the TP group.
+    """
+    tensors = model.state_dict() if tensors is None else tensors
+    if mesh.tp == 1:
+        return dict(tensors)
+    dims = shard_dims(model)
+    out = {}
+    for k, t in tensors.items():
+        if k in dims:
+            parts = [torch.empty_like(t) for _ in range(mesh.tp)]
+            dist.all_gather(parts, t.detach().contiguous(), group=mesh.tp_group)
+            out[k] = torch.cat(parts, dim=dims[k])
+        else:
+            out[k] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- applying the plan
+
+def _copy_output_hook(group):
+    def hook(module, args, output):
+        return copy_to_tp(output, group)
+    return hook
+
+
+def _attention_input_hook(group, copy_kv: bool):
+    """Copies x (and kv, unless it was copied upstream) into the TP region once for q, k and v."""
+    sig = inspect.signature(Attention.forward)
+
+    def hook(module, args, kwargs):
+        b = sig.bind(module, *args, **kwargs)
+        x, kv = b.arguments["x"], b.arguments["kv"]
+        cx = copy_to_tp(x, group)
+        b.arguments["kv"] = cx if kv is x else (copy_to_tp(kv, group) if copy_kv else kv)
+        b.arguments["x"] = cx
+        return b.args[1:], b.kwargs
+    return hook
+
+
+def _apply_tp(model: Transformer, group) -> None:
+    if isinstance(model.embed, VocabParallelEmbedding):
+        raise ValueError("parallelize: the model is already tensor-parallel")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Attention):
+            for c in ("q", "k", "v"):
+                setattr(m, c, ColumnParallelLinear(getattr(m, c), group, copy_input=False))
+            m.o = RowParallelLinear(m.o, group)
+            # cross-attention keys/values read the encoder output, copied once below
+            m.register_forward_pre_hook(_attention_input_hook(group, copy_kv=not name.endswith("cross_attn")),
+                                        with_kwargs=True)
+        elif isinstance(m, FeedForward):
+            m.fc1 = ColumnParallelLinear(m.fc1, group)
+            m.fc2 = RowParallelLinear(m.fc2, group)
+    emb = VocabParallelEmbedding(model.embed, group)
+    model.embed = emb
+    lo, hi = emb.vocab_start, emb.vocab_start + emb.num_embeddings
+    model.logits_bias = model.logits_bias[lo:hi].clone()          # stays a non-persistent buffer
+    model.encoder_norm.register_forward_hook(_copy_output_hook(group))   # memory -> cross-attn k/v
+    model.decoder_norm.register_forward_hook(_copy_output_hook(group))   # h -> tied output projection
+    crit = model.criterion
+    model.criterion = VocabParallelCrossEntropy(group, lo, emb.num_embeddings_full,
+                                                ignore_index=crit.ignore_index,
+                                                label_smoothing=crit.label_smoothing)
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recomputes each encoder/decoder layer in backward (non-reentrant torch.utils.checkpoint).
+
+    The layer's forward is wrapped in place, so parameter names and state-dict keys do not change.
+    """
+    for layer in (*model.encoder, *model.decoder):
+        if getattr(layer, "_activation_checkpointing", False):
+            continue
+
+        def forward(*args, _inner=layer.forward, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
+        layer._activation_checkpointing = True
+
+
+def parallelize(model: Transformer, mesh: Mesh, activation_checkpointing: bool = False) -> Transformer:
+    """Applies the TP plan (tp > 1) and optional activation checkpointing, in place; returns the model."""
+    check_model_for_tp(model.config, mesh.tp)
+    if mesh.tp > 1:
+        _apply_tp(model, mesh.tp_group)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model

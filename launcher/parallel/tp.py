@@ -1,0 +1,238 @@
+"""Megatron-style tensor-parallel layers on plain tensors.
+
+Four tiny autograd collectives over the TP group move activations between the replicated
+region (every TP rank holds the same tensor) and the sharded region (each rank holds a slice):
+
+    copy_to_tp      fwd: identity      bwd: all-reduce   (replicated input -> sharded weights)
+    reduce_from_tp  fwd: all-reduce    bwd: identity     (partial sums -> replicated output)
+
+    ColumnParallelLinear  W (out/tp, in), b (out/tp)     x (.., in) replicated -> y (.., out/tp) sharded
+    RowParallelLinear     W (out, in/tp), b (out) repl.  x (.., in/tp) sharded -> y (.., out) replicated
+    VocabParallelEmbedding  W (V/tp, D)                  ids replicated -> (.., D) replicated
+    vocab_parallel_cross_entropy  logits (N, V/tp) sharded -> loss per token, without gathering V
+
+Every layer is built from the unsharded nn.Module by slicing this rank's part of its weights,
+so the same initial weights give the same function. Sharded parameters carry
+`tensor_model_parallel=True` (+ `partition_dim`), which DeepSpeed's gradient-norm code reads
+(deepspeed.runtime.utils.is_model_parallel_parameter): they are counted on every TP rank,
+unmarked (replicated) ones only on TP rank 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def mark_tp_param(p: nn.Parameter, dim: int) -> nn.Parameter:
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    p.partition_stride = 1
+    return p
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, world: int, what: str) -> torch.Tensor:
+    n = t.shape[dim]
+    if n % world:
+        raise ValueError(f"{what}: size {n} along dim {dim} does not split over {world} tensor-parallel ranks")
+    k = n // world
+    return t.detach().narrow(dim, rank * k, k).clone()
+
+
+# ----------------------------------------------------------------------------- collectives
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone(memory_format=torch.contiguous_format)  # never reduce a gradient buffer shared elsewhere
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        if x.is_contiguous():
+            ctx.mark_dirty(x)                                       # reduced in place
+        else:
+            x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce of a fresh partial sum (the caller's own matmul/lookup output, reduced in place)."""
+    return _ReduceFromTP.apply(x, group)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T + b_r: this rank's slice of the output features (x replicated, y sharded).
+
+    copy_input=False when the caller has already put x through copy_to_tp (attention copies its
+    input once for q, k and v together).
+    """
+
+    def __init__(self, linear: nn.Linear, group, copy_input: bool = True):
+        super().__init__()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group, self.copy_input = group, copy_input
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features // world           # local width (attention reads it)
+        self.full_out_features = linear.out_features
+        rg = linear.weight.requires_grad
+        self.weight = mark_tp_param(nn.Parameter(_shard(linear.weight, 0, rank, world, "column weight"), rg), 0)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = mark_tp_param(nn.Parameter(_shard(linear.bias, 0, rank, world, "column bias"), rg), 0)
+
+    def forward(self, x):
+        if self.copy_input:
+            x = copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)                 # (.., out/tp)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}/{self.full_out_features}, copy_input={self.copy_input}"
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T + b: input features sharded, output all-reduced, bias added once after."""
+
+    def __init__(self, linear: nn.Linear, group):
+        super().__init__()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group = group
+        self.in_features = linear.in_features // world
+        self.full_in_features = linear.in_features
+        self.out_features = linear.out_features
+        rg = linear.weight.requires_grad
+        self.weight = mark_tp_param(nn.Parameter(_shard(linear.weight, 1, rank, world, "row weight"), rg), 1)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), rg)  # replicated
+
+    def forward(self, x):
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)   # (.., out) full sum
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in={self.in_features}/{self.full_in_features}, out={self.out_features}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_start + V/tp) of the table; other ids give zeros, then all-reduce."""
+
+    def __init__(self, emb: nn.Embedding, group):
+        super().__init__()
+        if emb.padding_idx is not None or emb.max_norm is not None or emb.sparse:
+            raise ValueError("VocabParallelEmbedding supports plain embeddings only "
+                             "(no padding_idx, max_norm or sparse gradients)")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group = group
+        self.num_embeddings_full = emb.num_embeddings
+        self.num_embeddings = emb.num_embeddings // world
+        self.embedding_dim = emb.embedding_dim
+        self.vocab_start = rank * self.num_embeddings
+        self.weight = mark_tp_param(
+            nn.Parameter(_shard(emb.weight, 0, rank, world, "embedding"), emb.weight.requires_grad), 0)
+
+    def forward(self, ids):
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)   # (.., D)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.group)
+
+    def extra_repr(self):
+        hi = self.vocab_start + self.num_embeddings
+        return f"rows [{self.vocab_start}, {hi}) of {self.num_embeddings_full}, dim={self.embedding_dim}"
+
+
+# ----------------------------------------------------------------------------- loss
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Per-token loss from vocabulary-sharded logits; only (N,)-sized tensors cross ranks."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, smooth_classes, ignore_index, smoothing, group):
+        x = logits.float()                                          # (N, V/tp)
+        n_local = x.shape[-1]
+        m = x.max(dim=-1).values.detach()                           # (N,) max over the full vocab:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        x = x - m.unsqueeze(-1)                                     # new tensor; logits untouched
+        e = x.exp()
+        sum_exp = e.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        valid = labels != ignore_index
+        local = labels - vocab_start
+        in_shard = valid & (local >= 0) & (local < n_local)
+        idx = local.clamp(0, n_local - 1)
+        target = x.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * in_shard
+        dist.all_reduce(target, group=group)
+        log_z = sum_exp.log()
+        loss = log_z - target                                       # -log p(label)
+        k_local = min(max(smooth_classes - vocab_start, 0), n_local)   # this shard's smoothed columns
+        if smoothing > 0:
+            sum_x = x[:, :k_local].sum(dim=-1)
+            dist.all_reduce(sum_x, group=group)
+            loss = (1.0 - smoothing) * loss + smoothing * (log_z - sum_x / smooth_classes)
+        loss = loss * valid
+        e.div_(sum_exp.unsqueeze(-1))                               # softmax, kept for backward
+        ctx.save_for_backward(e, idx, in_shard, valid)
+        ctx.smoothing, ctx.k, ctx.k_local, ctx.dtype, ctx.done = smoothing, smooth_classes, k_local, logits.dtype, False
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.done:
+            raise RuntimeError("vocab-parallel cross-entropy cannot be backpropagated twice (retain_graph)")
+        ctx.done = True
+        grad, idx, in_shard, valid = ctx.saved_tensors              # softmax, reused in place
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, idx] -= (1.0 - ctx.smoothing) * in_shard.to(grad.dtype)
+        if ctx.smoothing > 0:
+            grad[:, :ctx.k_local] -= ctx.smoothing / ctx.k
+        grad.mul_((g * valid).unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, labels, vocab_start: int, vocab_total: int, group,
+                                 ignore_index: int = -100, label_smoothing: float = 0.0,
+                                 smooth_classes: int | None = None) -> torch.Tensor:
+    """logits (N, V/tp) this rank's vocabulary columns, labels (N,) full-vocabulary ids -> loss (N,).
+
+    The same as F.cross_entropy(full_logits, labels, reduction='none', ...) on every TP rank.
+    smooth_classes=K spreads the label-smoothing mass over ids < K only (the real vocabulary, so
+    padded rows are left out): then it equals F.cross_entropy(full_logits[:, :K], ...).
+    """
+    k = vocab_total if smooth_classes is None else smooth_classes
+    return _VocabParallelCE.apply(logits, labels, vocab_start, k, ignore_index, label_smoothing, group)
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """Drop-in for model.transformer.CrossEntropy: (logits (B, T, V/tp), labels (B, T)) -> (sum, count)."""
+
+    def __init__(self, group, vocab_start: int, vocab_total: int, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, smooth_classes: int | None = None):
+        super().__init__()
+        self.group, self.vocab_start, self.vocab_total = group, vocab_start, vocab_total
+        self.ignore_index, self.label_smoothing, self.smooth_classes = ignore_index, label_smoothing, smooth_classes
+
+    def forward(self, logits, labels):
+        loss = vocab_parallel_cross_entropy(logits.flatten(0, -2), labels.flatten(), self.vocab_start,
+                                            self.vocab_total, self.group, self.ignore_index, self.label_smoothing,
+                                            self.smooth_classes)
+        return loss.sum(), (labels != self.ignore_index).sum()
