@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.conftest import read_metrics, run_cli
 from tests.slurm_helpers import (CPU_ARGS, ROOT, SharedCluster, cannot_run_reason, job_info, read_text,
                                  sbatch, wait_for, wait_job)
 
@@ -97,22 +98,26 @@ STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """A small pairs corpus (English number words -> Chinese numerals) as webdataset shards."""
-    from data.prepare import prepare
-    from data.synthetic import chinese, english
-    d = tmp_path_factory.mktemp("slurm-data")
-    corpus = d / "pairs.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for n in range(0, 10000, 7):
-            f.write(json.dumps({"src": english(n), "tgt": chinese(n)}, ensure_ascii=False) + "\n")
-    prepare([str(corpus)], str(d / "shards"), objective="pairs", vocab_size=200, shard_size=400, progress=False)
-    return str(d / "shards")
+def shards(tiny_pairs):
+    return tiny_pairs["train"]
 
 
-def _train_env(tmp, run_dir, shards, **extra):
-    return _env(tmp, run_dir, ENCDEC_PYTHON=sys.executable,
-                ENCDEC_OVERRIDES=f"data.train={shards} train.steps={STEPS} checkpoint.every=0", **extra)
+@pytest.fixture(scope="module")
+def single_process_losses(shards, tmp_path_factory):
+    """The same training in one plain process: what the 2-node job must reproduce."""
+    out = tmp_path_factory.mktemp("slurm-single")
+    r = run_cli(["train", "configs/test-tiny.yaml", *_overrides(shards), f"out_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {row["step"]: row["loss"] for row in read_metrics(str(out))}
+
+
+def _overrides(shards, steps=STEPS) -> list[str]:
+    return [f"data.train={shards}", f"train.steps={steps}", "checkpoint.every=0"]
+
+
+def _train_env(tmp, run_dir, shards, steps=STEPS, **extra):
+    return _env(tmp, run_dir, ENCDEC_PYTHON=sys.executable, ENCDEC_OVERRIDES=" ".join(_overrides(shards, steps)),
+                **extra)
 
 
 def _train_rows(run_dir) -> dict:
@@ -176,7 +181,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(reference_job, s
 
 
 @pytest.mark.slow
-def test_train_two_nodes_completes_and_checkpoints(reference_job):
+def test_train_two_nodes_completes_and_checkpoints(reference_job, single_process_losses):
     info = _finished(reference_job)
     log, run_dir = read_text(reference_job["log"]), reference_job["run_dir"]
     print(f"job {reference_job['job']}: {reference_job['wall']:.1f} s")
@@ -184,7 +189,13 @@ def test_train_two_nodes_completes_and_checkpoints(reference_job):
     ckpts = os.path.join(run_dir, "checkpoints")
     assert read_text(os.path.join(ckpts, "latest")).strip() == f"step{STEPS:08d}"
     assert os.path.isfile(os.path.join(ckpts, f"step{STEPS:08d}", "trainer_state.json"))
-    assert sorted(_train_rows(run_dir)) == list(range(1, STEPS + 1))
+    rows = _train_rows(run_dir)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    # two ranks, one per node (tokens_per_s_per_device = tokens_per_s / world), and the same
+    # training as one process on the same global batches
+    assert rows[STEPS]["tokens_per_s"] / rows[STEPS]["tokens_per_s_per_device"] == pytest.approx(2.0)
+    for s in rows:
+        assert rows[s]["loss"] == pytest.approx(single_process_losses[s], rel=1e-5, abs=1e-6), s
 
 
 @pytest.mark.slow
@@ -206,8 +217,7 @@ def test_trainer_rank_dies_job_fails_fast(slurm_cluster, shards, tmp_path):
 def test_scancel_saves_a_checkpoint_and_is_not_requeued(slurm_cluster, shards, tmp_path):
     """TERM (scancel) reaches the ranks: they save, but only the USR1 warning may requeue the job."""
     run_dir = tmp_path / "run"
-    env = _train_env(tmp_path, run_dir, shards)
-    env["ENCDEC_OVERRIDES"] = env["ENCDEC_OVERRIDES"].replace(f"train.steps={STEPS}", "train.steps=500")
+    env = _train_env(tmp_path, run_dir, shards, steps=500)
     job = sbatch([*CPU_ARGS, "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out"], env)
     log_path = f"{tmp_path}/{job}.out"
     wait_for(lambda: len(_train_rows(run_dir)) >= 3 or job_info(job).get("JobState") not in ("PENDING", "RUNNING"),
