@@ -38,7 +38,9 @@ def build_model(cfg: RunConfig) -> tuple[Transformer, str]:
     tok = load_tokenizer(path)
     mc = model_config(cfg, tok.get_vocab_size())
     cfg.model = mc                                   # the effective config records the sizes used
-    return Transformer(mc), path
+    model = Transformer(mc)
+    model.criterion.label_smoothing = cfg.train.label_smoothing
+    return model, path
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: str):

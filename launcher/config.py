@@ -270,6 +270,8 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     if world_size % tp:
         raise ConfigError(f"config key 'parallel.tp': world size {world_size} is not a multiple of tp={tp}")
     dp = world_size // tp
+    from launcher.parallel.dims import check_supported
+    check_supported(tp, cfg.parallel.zero_stage, "fp32")   # DeepSpeed runs fp32; bf16 is torch.autocast
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError(

@@ -67,8 +67,8 @@ def consolidated_state_dict(root: str, tag: str, cfg) -> dict:
         shards.append({k: v.float() for k, v in _load_ds(f)["module"].items()})
     if tp == 1:
         return shards[0]
-    from launcher.parallel.plan import merge_tp_state_dicts
-    return merge_tp_state_dicts(shards)
+    from launcher.parallel.plan import merge_tp_state_dicts, shard_dims_for_config
+    return merge_tp_state_dicts(shards, shard_dims_for_config(cfg.model))
 
 
 def convert(checkpoint: str, out: str, overwrite: bool = False) -> str:

@@ -26,6 +26,7 @@ from launcher.config import RunConfig, save_config, validate_layout
 from launcher.dist_env import DistEnv
 from launcher import flops
 from launcher.monitor import Monitor
+from launcher.parallel.plan import parallelize
 from model.transformer import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
@@ -49,7 +50,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.device = init_distributed(env, cfg.train.collective_timeout_s)
         self.dp = validate_layout(cfg, env.world_size)
-        self.dims, self.mpu = build_parallel(cfg, env)
+        self.mesh, self.mpu = build_parallel(cfg, env)
         self.dp_rank = self.mpu.get_data_parallel_rank() if self.mpu else env.rank
         self.dp_group = self.mpu.get_data_parallel_group() if self.mpu else None
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
@@ -63,9 +64,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model, self.tokenizer_path = build_model(cfg)
-        if self.dims is not None:
-            from launcher.parallel.plan import parallelize
-            model = parallelize(model, self.dims, activation_checkpointing=cfg.parallel.activation_checkpointing)
+        model = parallelize(model, self.mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
         model.to(self.device)
         if cfg.parallel.zero_stage == 3:
             # the output projection is tied to the embedding and used outside embed's forward
@@ -199,13 +198,11 @@ class Trainer:
 
 
 def build_parallel(cfg: RunConfig, env: DistEnv):
-    """(ParallelDims, mpu) for tp > 1; (None, None) for plain data parallelism."""
-    if cfg.parallel.tp == 1:
-        return None, None
+    """The process mesh (TP groups of consecutive ranks, strided DP groups) and DeepSpeed's mpu
+    (None at tp=1, where DeepSpeed's own data-parallel group is the whole world)."""
     from launcher.parallel.dims import ParallelDims
-    dims = ParallelDims(tp=cfg.parallel.tp, dp=env.world_size // cfg.parallel.tp, world_size=env.world_size)
-    dims.build(env.rank)
-    return dims, dims.mpu()
+    mesh = ParallelDims.from_world(cfg.parallel.tp, env.world_size).build(env.rank)
+    return mesh, mesh.deepspeed_mpu()
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:

@@ -7,7 +7,7 @@ Shapes: B batch, S source length, T target length, D d_model, H heads, Dh = D / 
     h --tied output projection (embed.weight^T) + logits_bias--> logits (B, T, V)
 
 The model knows nothing of parallelism. Tensor parallelism swaps the linear layers, the
-embedding and the criterion for sharded ones from outside (launcher/parallel.py); to allow that,
+embedding and the criterion for sharded ones from outside (launcher/parallel/); to allow that,
 attention infers its local head count from the projection width, and the output projection and
 the loss go through `self.embed` and `self.criterion`.
 """
@@ -148,12 +148,15 @@ class DecoderLayer(nn.Module):
 class CrossEntropy(nn.Module):
     """Summed token cross-entropy over labels != ignore_index; returns (sum, count)."""
 
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0):
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, n_classes: int = 0):
         super().__init__()
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.n_classes = n_classes            # >0: only the real vocabulary (smoothing skips padded ids)
 
     def forward(self, logits, labels):
+        if self.n_classes:
+            logits = logits[..., :self.n_classes]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index,
                                reduction="sum", label_smoothing=self.label_smoothing)
         return loss, (labels != self.ignore_index).sum()
@@ -177,7 +180,7 @@ class Transformer(nn.Module):
         # Pre-LN stacks end with a LayerNorm (the residual stream is otherwise unnormalised).
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
-        self.criterion = CrossEntropy()
+        self.criterion = CrossEntropy(n_classes=c.real_vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self):

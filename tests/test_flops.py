@@ -72,10 +72,10 @@ def test_matches_torch_flop_counter(norm):
     labels = torch.randint(2, cfg.real_vocab_size, (B, T))
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as fwd:
-            loss, n = model.loss(src, src_mask, tgt, labels)
+            loss, n = model(src, src_mask, tgt, labels)
         assert fwd.get_total_flops() == flops.forward_flops(cfg, B, S, T)
         with FlopCounterMode(display=False) as both:
-            loss, n = model.loss(src, src_mask, tgt, labels)
+            loss, n = model(src, src_mask, tgt, labels)
             (loss / n).backward()
     counted = both.get_total_flops()
     assert counted == flops.train_flops(cfg, B, S, T), (counted, flops.train_flops(cfg, B, S, T))

@@ -54,7 +54,7 @@ def test_tp1_issues_no_collective():
     parallelize(model, mesh, activation_checkpointing=True)
     assert model.embed is embed                       # nothing swapped
     src = torch.randint(2, 64, (2, 5))
-    loss, n = model.loss(src, torch.ones(2, 5, dtype=torch.bool), src, src)
+    loss, n = model(src, torch.ones(2, 5, dtype=torch.bool), src, src)
     loss.backward()
     assert n == 10 and model.embed.weight.grad is not None
 

@@ -46,7 +46,7 @@ def _reference(model, dp):
     norms, dims = [], shard_dims(model)
     for step in range(STEPS):
         src, src_mask, tgt_in, labels = _global_batch(step, dp)
-        loss, n = model.loss(src, src_mask, tgt_in, labels)
+        loss, n = model(src, src_mask, tgt_in, labels)
         (loss / n).backward()
         if step == 0:
             sharded = sum(p.grad.norm() ** 2 for k, p in model.named_parameters() if k in dims).sqrt().item()
@@ -70,7 +70,7 @@ def _engine(init, mesh, stage, precision):
 def _train_step(engine, mesh, step):
     src, src_mask, tgt_in, labels = _global_batch(step, mesh.dp)
     rows = slice(mesh.dp_rank * MICRO, (mesh.dp_rank + 1) * MICRO)
-    loss, _ = engine.module.loss(src[rows], src_mask[rows], tgt_in[rows], labels[rows])
+    loss, _ = engine.module(src[rows], src_mask[rows], tgt_in[rows], labels[rows])
     n_global = (labels != -100).sum()
     engine.backward(loss.float() * mesh.dp / n_global)    # the engine averages gradients over dp
     engine.step()

@@ -124,10 +124,10 @@ def _check_model(r, n, g, mesh, norm, dropout, ckpt):
     assert tp.embed.weight.shape == (64 // n, 32) and tp.encoder[0].self_attn.q.out_features == 32 // n
     src, src_mask, tgt_in, labels = _batch(c, 2)
     torch.manual_seed(3)        # dropout masks: the same RNG stream on every TP rank and in the reference
-    want, want_n = ref.loss(src, src_mask, tgt_in, labels)
+    want, want_n = ref(src, src_mask, tgt_in, labels)
     want.backward()
     torch.manual_seed(3)
-    got, got_n = tp.loss(src, src_mask, tgt_in, labels)
+    got, got_n = tp(src, src_mask, tgt_in, labels)
     got.backward()
     assert got_n == want_n == 9
     assert_close(got, want, rtol=1e-6, atol=1e-5)

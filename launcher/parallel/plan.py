@@ -169,7 +169,8 @@ def _apply_tp(model: Transformer, group) -> None:
     crit = model.criterion
     model.criterion = VocabParallelCrossEntropy(group, lo, emb.num_embeddings_full,
                                                 ignore_index=crit.ignore_index,
-                                                label_smoothing=crit.label_smoothing)
+                                                label_smoothing=crit.label_smoothing,
+                                                smooth_classes=getattr(crit, "n_classes", 0) or None)
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
