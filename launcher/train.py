@@ -8,6 +8,7 @@ import sys
 
 from launcher.config import load_config, validate_layout
 from launcher.dist_env import export_torch_env, read_env
+from launcher.signals import StopSignal
 
 
 def _single_process_env(env):
@@ -21,12 +22,13 @@ def _single_process_env(env):
 
 
 def run(config_path: str, overrides: list[str]) -> dict:
+    stop = StopSignal().install()                  # before the slow imports: a signal now is kept
     cfg = load_config(config_path, overrides)
     env = read_env()
     validate_layout(cfg, env.world_size)          # before any process group waits
     export_torch_env(env if env.launcher != "single" else _single_process_env(env))
     from launcher.trainer import Trainer
-    trainer = Trainer(cfg, env)
+    trainer = Trainer(cfg, env, stop=stop)
     return trainer.train()
 
 

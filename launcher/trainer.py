@@ -10,7 +10,6 @@ the result equals one process on the same global batch, whatever dp and accum ar
 from __future__ import annotations
 
 import os
-import signal
 import time
 from datetime import timedelta
 
@@ -27,6 +26,7 @@ from launcher.dist_env import DistEnv
 from launcher import flops
 from launcher.monitor import Monitor
 from launcher.parallel.plan import parallelize
+from launcher.signals import StopSignal
 from model.transformer import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
@@ -46,7 +46,7 @@ def init_distributed(env: DistEnv, timeout_s: int) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv):
+    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None):
         self.cfg, self.env = cfg, env
         self.device = init_distributed(env, cfg.train.collective_timeout_s)
         self.dp = validate_layout(cfg, env.world_size)
@@ -79,16 +79,11 @@ class Trainer:
             "world_size": env.world_size, "dp": self.dp, "tp": cfg.parallel.tp, "accum": self.accum,
             "n_params": count_parameters(cfg.model)})
         self.peak_flops = flops.peak_flops(self.device, cfg.train.precision)
-        self._stop_signal = False
+        self.stop = stop or StopSignal().install()
         self._grad_norm = 0.0
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
         ckpt.maybe_resume(self)
 
     # ------------------------------------------------------------------ helpers
-    def _on_signal(self, signum, frame):
-        self._stop_signal = True
-
     def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.to(self.device)
         dist.all_reduce(t, op=op, group=group)
@@ -96,7 +91,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """All ranks agree to stop at the same step if any rank got SIGUSR1/SIGTERM."""
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
         return bool(self._all_reduce(flag, op=dist.ReduceOp.MAX).item() > 0)
 
     def _autocast(self):
