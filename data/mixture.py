@@ -107,10 +107,6 @@ class Schedule:
         c = int(labels[o])
         return c, w * int(self.n[c]) + int(before[o])
 
-    def rows_of(self, c: int, j0: int, j1: int) -> np.ndarray:
-        """The rows j in [j0, j1) that belong to dataset c."""
-        return np.array([j for j in range(j0, j1) if self.locate(j)[0] == c], dtype=np.int64)
-
 
 # ----------------------------------------------------------------------------- from the config
 

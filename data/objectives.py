@@ -6,8 +6,13 @@ and the target lists every sentinel followed by the tokens it hides, then </s>:
     tokens   a b c d e f g           (noise: c d, f)
     input    a b <X0> e <X1> g </s>
     target   <X0> c d <X1> f </s>
-All randomness comes from the generator passed in, which the stream seeds by
-(seed, epoch, global sample index) so any resumed run sees byte-identical examples.
+All randomness is one row of L-2 uniforms per example (L = its token count), drawn from a
+generator the stream keys by (seed, dataset, epoch, global position), so a resumed run sees
+byte-identical examples. The noise count is round(L * noise_density) (at least 1, at most L-1),
+in round(noise / mean_span_length) spans; the spans and the kept runs between them are random
+compositions (cut at the smallest uniforms). Packed examples all have the same L, so a loader
+worker corrupts a whole micro-batch of them with one set of array operations
+(span_corrupt_rows), which is what makes the stream fast; span_corrupt is the one-row case.
 """
 from __future__ import annotations
 
@@ -19,74 +24,79 @@ from data.tokenizer import EOS_ID, PAD_ID, SENTINEL_BASE
 IGNORE = -100
 
 
-def _segment(total: int, n_segments: int, rng: np.random.Generator) -> np.ndarray:
-    """Random split of `total` items into `n_segments` non-empty runs (lengths)."""
-    if n_segments <= 1:
-        return np.array([total], dtype=np.int64)
-    cuts = np.sort(rng.choice(total - 1, size=n_segments - 1, replace=False)) + 1
-    out = np.empty(n_segments, dtype=np.int64)
-    out[0], out[-1] = cuts[0], total - cuts[-1]
-    out[1:-1] = cuts[1:] - cuts[:-1]
-    return out
-
-
 def _counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) for a sequence of `length` tokens."""
     n_noise = min(max(int(round(length * density)), 1), length - 1)
     return n_noise, max(1, min(int(round(n_noise / mean_span)), n_noise, length - n_noise))
 
 
-def noise_spans(length: int, density: float, mean_span: float, rng: np.random.Generator):
-    """-> (start, length) of each noise span, in order; every span is preceded by kept tokens."""
+def _compositions(u: np.ndarray, n: int) -> np.ndarray:
+    """(B, m-1) uniforms -> (B, n) random positive run lengths summing to m (cuts at the n-1 smallest)."""
+    B, m = u.shape[0], u.shape[1] + 1
+    if n <= 1:
+        return np.full((B, 1), m, dtype=np.int64)
+    cuts = np.sort(np.argpartition(u, n - 2, axis=1)[:, :n - 1], axis=1) + 1
+    return np.diff(cuts, axis=1, prepend=0, append=m)
+
+
+def noise_spans_rows(length: int, density: float, mean_span: float, u: np.ndarray):
+    """u (B, length-2) uniforms -> (starts, lengths), each (B, n_spans): the noise spans of each row.
+
+    Spans and the kept runs between them alternate, every span preceded by kept tokens.
+    """
     n_noise, n_spans = _counts(length, density, mean_span)
-    noise_lens = _segment(n_noise, n_spans, rng)
-    keep_lens = _segment(length - n_noise, n_spans, rng)
-    # interleave: keep, noise, keep, noise, ...
-    noise_before = np.cumsum(noise_lens) - noise_lens
-    return np.cumsum(keep_lens) + noise_before, noise_lens
+    noise = _compositions(u[:, :n_noise - 1], n_spans)
+    keep = _compositions(u[:, n_noise - 1:length - 2], n_spans)
+    return np.cumsum(keep, axis=1) + np.cumsum(noise, axis=1) - noise, noise
 
 
-def noise_mask(length: int, density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
-    starts, lens = noise_spans(length, density, mean_span, rng)
-    mask = np.zeros(length, dtype=bool)
-    mask[_span_positions(starts, lens)] = True
-    return mask
+def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, n_sentinels: int,
+                      u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Span corruption of B equal-length rows at once; row i's noise comes from u[i] only.
 
-
-def _span_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    before = np.cumsum(lens) - lens                                # noise tokens before each span
-    return np.repeat(starts - before, lens) + np.arange(int(before[-1] + lens[-1]))
+    rows (B, L) ids without </s>, u (B, L-2) uniforms in [0, 1) -> inputs (B, L - noise + spans + 1)
+    and targets (B, noise + spans + 1), every row ending in </s>.
+    """
+    B, L = rows.shape
+    starts, lens = noise_spans_rows(L, density, mean_span, u)
+    n = starts.shape[1]
+    n_noise = int(lens[0].sum())
+    if n > n_sentinels:
+        raise ValueError(f"{n} noise spans but only {n_sentinels} sentinel tokens")
+    sentinels = np.arange(SENTINEL_BASE, SENTINEL_BASE + n, dtype=np.int32)
+    ar = np.arange(B)[:, None]
+    before = np.cumsum(lens, axis=1) - lens                       # noise tokens before each span
+    pos = np.repeat((starts - before).ravel(), lens.ravel()) + np.tile(np.arange(n_noise), B)
+    is_noise = np.zeros((B, L), dtype=bool)
+    is_noise[np.repeat(np.arange(B), n_noise), pos] = True
+    # input: the ids with each span replaced by its sentinel, then </s>
+    inp = np.empty((B, L + 1), dtype=np.int32)
+    inp[:, :L] = rows
+    inp[:, L] = EOS_ID
+    inp[ar, starts] = sentinels
+    keep = np.ones((B, L + 1), dtype=bool)
+    keep[:, :L] = ~is_noise
+    keep[ar, starts] = True
+    # target: each sentinel followed by the tokens it hides, then </s>
+    T = n_noise + n + 1
+    tgt = np.empty((B, T), dtype=np.int32)
+    at_sentinel = np.zeros((B, T), dtype=bool)
+    at_sentinel[ar, before + np.arange(n)] = True
+    tgt[at_sentinel] = np.tile(sentinels, B)
+    at_sentinel[:, -1] = True
+    tgt[~at_sentinel] = rows[is_noise]
+    tgt[:, -1] = EOS_ID
+    return inp[keep].reshape(B, L + 1 - n_noise + n), tgt
 
 
 def span_corrupt(ids: np.ndarray, density: float, mean_span: float, n_sentinels: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """ids: tokens without the trailing </s>. Returns (input ids, target ids), both ending in </s>."""
     ids = np.asarray(ids, dtype=np.int32)
-    L = len(ids)
-    if L < 2:
+    if len(ids) < 2:
         return np.append(ids, EOS_ID).astype(np.int32), np.array([SENTINEL_BASE, EOS_ID], dtype=np.int32)
-    starts, lens = noise_spans(L, density, mean_span, rng)
-    n, n_noise = len(starts), int(lens.sum())
-    if n > n_sentinels:
-        raise ValueError(f"{n} noise spans but only {n_sentinels} sentinel tokens")
-    sentinels = np.arange(SENTINEL_BASE, SENTINEL_BASE + n, dtype=np.int32)
-    pos = _span_positions(starts, lens)
-    # input: the ids with each span replaced by its sentinel, then </s>
-    keep = np.ones(L + 1, dtype=bool)
-    keep[pos] = False
-    keep[starts] = True
-    inp = np.empty(L + 1, dtype=np.int32)
-    inp[:L] = ids
-    inp[starts] = sentinels
-    inp[L] = EOS_ID
-    # target: each sentinel followed by the tokens it hides, then </s>
-    tgt = np.empty(n_noise + n + 1, dtype=np.int32)
-    at_sentinel = np.zeros(n_noise + n + 1, dtype=bool)
-    at_sentinel[np.cumsum(lens) - lens + np.arange(n)] = True
-    tgt[at_sentinel] = sentinels
-    at_sentinel[-1] = True
-    tgt[~at_sentinel] = ids[pos]
-    tgt[-1] = EOS_ID
-    return inp[keep], tgt
+    inp, tgt = span_corrupt_rows(ids[None], density, mean_span, n_sentinels, rng.random((1, len(ids) - 2)))
+    return inp[0], tgt[0]
 
 
 def span_target_length(input_len: int, density: float, mean_span: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import closing
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,6 +12,10 @@ from data.objectives import span_target_length
 from data.packing import chunks_per_block, mean_doc_tokens, pack_block
 from data.records import BadSamples, decode
 from data.sources import DataError, Shard, ShardError, iter_samples
+
+if TYPE_CHECKING:
+    from data.mixture import Component
+    from data.stream import StreamSpec
 
 
 def seeded_rng(*key: int) -> np.random.Generator:

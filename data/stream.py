@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from data.mixture import Component, Schedule
-from data.objectives import collate, placeholder, raw_length_for, span_corrupt
+from data.objectives import collate, placeholder, raw_length_for, span_corrupt, span_corrupt_rows
 from data.packing import bucket_assign
-from data.reader import Geometry, StreamReader, BadSamples, seeded_rng
+from data.reader import Geometry, StreamReader, seeded_rng
+from data.records import BadSamples
 from data.sources import DataError, Shard, resolve_source
 
 __all__ = ["DataError", "DataStream", "Shard", "StreamSpec", "resolve_shards", "steps_in_epoch"]
@@ -165,22 +166,38 @@ class Layout:
             self._buckets[(c, v)] = (w, dict(zip(rows.tolist(), (i0 + a).tolist())))
         return self._buckets[(c, v)][1][g // self.V]
 
-    def example(self, g: int) -> dict:
-        spec = self.spec
-        if not spec.shuffle and g >= spec.epoch_positions:
-            return placeholder()                                   # validation: past the last sample
-        c, v, i = self.locate(g)
-        item = self.reader(c, v).item(i)
-        if item is None:
-            return placeholder()
-        comp = spec.components[c]
-        key = f"{comp.name}/{item[0]}" if comp.name else item[0]
-        if comp.objective == "pairs":
-            return {"key": key, "src": item[1][0], "tgt": item[1][1]}
-        e, cursor = divmod(g, spec.epoch_positions)
-        src, tgt = span_corrupt(item[1], spec.noise_density, spec.mean_span_length, spec.n_sentinels,
-                                self.noise_rng(spec.seed, c, e, cursor))
-        return {"key": key, "src": src, "tgt": tgt}
+    def examples(self, gs: list[int]) -> list[dict]:
+        """The examples at global positions gs. Packed span rows (all raw_len long) are corrupted
+        together; each one's noise still depends on its own position only."""
+        spec, out, packed = self.spec, [], []
+        for g in gs:
+            if not spec.shuffle and g >= spec.epoch_positions:
+                out.append(placeholder())                          # validation: past the last sample
+                continue
+            c, v, i = self.locate(g)
+            item = self.reader(c, v).item(i)
+            if item is None:
+                out.append(placeholder())
+                continue
+            comp = spec.components[c]
+            ex = {"key": f"{comp.name}/{item[0]}" if comp.name else item[0]}
+            out.append(ex)
+            if comp.objective == "pairs":
+                ex["src"], ex["tgt"] = item[1]
+                continue
+            e, cursor = divmod(g, spec.epoch_positions)
+            rng = self.noise_rng(spec.seed, c, e, cursor)
+            if spec.geometry[c].packed:
+                packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
+            else:
+                ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
+                                                    spec.n_sentinels, rng)
+        if packed:
+            src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
+                                         spec.n_sentinels, np.stack([p[2] for p in packed]))
+            for (ex, _, _), x, y in zip(packed, src, tgt):
+                ex["src"], ex["tgt"] = x, y
+        return out
 
 
 def steps_in_epoch(spec: StreamSpec, epoch: int = 0) -> int:
@@ -209,9 +226,10 @@ class _RankParts(torch.utils.data.IterableDataset):
         while self.n_micro is None or t < self.n_micro:
             part, err = [], None
             first = t * self.mb
+            qs = list(range(first + (w - first) % nw, first + self.mb, nw))
             try:
-                for q in range(first + (w - first) % nw, first + self.mb, nw):
-                    part.append((q - first, layout.example(self.start + self.dp_rank + self.dp_size * q)))
+                exs = layout.examples([self.start + self.dp_rank + self.dp_size * q for q in qs])
+                part = [(q - first, ex) for q, ex in zip(qs, exs)]
             except DataError as e:
                 err = str(e)
             yield part, {"bad": layout.bad.count, **layout.stats, "error": err}
@@ -238,7 +256,7 @@ class DataStream:
         self.skipped, self.stats = 0, {}
         self._real = self._slots = 0
         readers = dp_size * max(1, num_workers)
-        if spec.num_streams % readers and dp_rank == 0:
+        if spec.num_streams % readers and dp_rank == 0 and spec.shuffle:
             print(f"data: num_streams={spec.num_streams} is not a multiple of dp x workers = {readers}: "
                   "readers share streams and read more than their part", file=sys.stderr)
 
