@@ -7,9 +7,10 @@
    ids drawn from a Zipf-like law over a 32k vocabulary. Tokenizing is `encdec prepare`'s job,
    done once offline, so it is not part of the stream.
 2. Streams span-corruption examples with 512-token inputs (documents packed to fill them) through
-   the real DataStream, with 1 and 2 loader workers, and reports examples/s and tokens/s.
-3. Times real forward+backward+AdamW steps of the demo and transformer-base models (fp32 on CPU)
-   on one micro-batch and reports the examples/s one training process consumes.
+   the real DataStream, with 1 and 2 loader workers, and reports examples/s and tokens/s (real
+   source + target tokens, padding excluded), after the first batch (worker start-up).
+3. Times real forward+backward+AdamW steps of the demo and transformer-base models (fp32 on CPU,
+   all cores) on one micro-batch and reports the examples/s one training process consumes.
 """
 from __future__ import annotations
 

@@ -228,21 +228,18 @@ def _unmask(src, labels):
 
 
 def test_packed_examples_are_the_documents_laid_end_to_end(data):
-    """Unshuffled, one stream: the corrupted examples, un-masked, are the first documents' tokens in
-    order, cut at raw length; every example has the full input length, so no padding at all."""
-    spec = make_spec("span", data, num_streams=1, shuffle=False, global_batch=4)
-    raw_len = spec.raw_len
-    docs = []
-    for shard in resolve_shards(data["span"])[:1]:
-        for _, raw in iter_samples(shard.url):
-            docs.extend(json.loads(raw["json"])["ids"][:-1])
-    stream = DataStream(spec, 0, 1, micro_batch=4)
-    got = []
-    for b in [next(iter(stream)) for _ in range(1)] + [next(it) for it in [iter(stream)] for _ in range(3)]:
-        assert b["pad_frac"] == 0.0 and b["src"].shape[1] == 48
-        for src, lab in zip(b["src"].tolist(), b["labels"].tolist()):
-            got.extend(_unmask(src, lab))
-    assert len(got) == 16 * raw_len and got == docs[:16 * raw_len]
+    """Unshuffled, one stream, one global batch = the K examples of the first block: un-masked and
+    laid end to end they are the block's 16 documents (without </s>) laid end to end, cut at
+    K x raw length (or started again if short); every example has the full input length."""
+    K = make_spec("span", data, num_streams=1, shuffle=False).geometry[0].K
+    spec = make_spec("span", data, num_streams=1, shuffle=False, global_batch=K)
+    docs = [json.loads(raw["json"])["ids"][:-1] for _, raw in iter_samples(resolve_shards(data["span"])[0].url)]
+    flat = np.concatenate(docs[:16])
+    expect = np.tile(flat, -(-K * spec.raw_len // len(flat)))[:K * spec.raw_len].tolist()
+    b = next(iter(DataStream(spec, 0, 1, micro_batch=K)))
+    assert b["pad_frac"] == 0.0 and b["src"].shape == (K, 48) and b["src_mask"].all()
+    got = [t for src, lab in zip(b["src"].tolist(), b["labels"].tolist()) for t in _unmask(src, lab)]
+    assert got == expect
 
 
 def test_length_bucketing_cuts_padding(data):
@@ -254,7 +251,6 @@ def test_length_bucketing_cuts_padding(data):
         for _ in range(steps_in_epoch(spec) * 2):
             next(it)
         pads[window] = s.pad_frac
-    print("pad_frac by bucket window", pads)
     assert pads[4] < 0.6 * pads[0], pads
 
 
