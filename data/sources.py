@@ -92,8 +92,9 @@ def read_bytes(url: str) -> bytes:
 
 
 def load_manifest_at(url: str) -> dict:
+    raw = read_bytes(url)
     try:
-        man = json.loads(read_bytes(url))
+        man = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{url}: invalid manifest JSON ({e})") from None
     if not isinstance(man, dict) or not isinstance(man.get("shards"), list):
@@ -105,7 +106,8 @@ def load_manifest_at(url: str) -> dict:
 
 
 def _exists_all(urls: list[str]) -> None:
-    """Local and fsspec shards must exist (one listing per folder); `pipe:` commands are checked when read."""
+    """Shards must exist: local ones each, fsspec ones by one listing per folder (http(s), which
+    cannot be listed, by the first shard). `pipe:` commands, and the rest, are checked when read."""
     by_dir: dict[str, list[str]] = {}
     for u in urls:
         if u.startswith("pipe:"):
@@ -116,14 +118,19 @@ def _exists_all(urls: list[str]) -> None:
             continue
         by_dir.setdefault(_dirname(u), []).append(u)
     for d, us in by_dir.items():
-        fs, _, [path] = _fsspec().get_fs_token_paths(d)
         try:
+            fs, _, [path] = _fsspec().get_fs_token_paths(d)
+        except (ImportError, ValueError) as e:
+            raise DataError(f"cannot read {us[0]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        try:
+            if d.startswith(("http://", "https://")):
+                raise OSError("not listable")
             names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        except (OSError, FileNotFoundError):
-            names = set()
-        for u in us:
-            if u.rsplit("/", 1)[-1] not in names:
-                raise DataError(f"shard not found: {u}")
+            missing = [u for u in us if u.rsplit("/", 1)[-1] not in names]
+        except OSError:
+            missing = [] if fs.exists(us[0]) else us[:1]
+        if missing:
+            raise DataError(f"shard not found: {missing[0]}")
 
 
 def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
