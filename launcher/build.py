@@ -14,10 +14,13 @@ from model.transformer import ModelConfig, Transformer, padded_vocab
 
 
 def tokenizer_path(cfg: RunConfig) -> str:
-    path = os.path.join(cfg.data.train, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config key 'data.train': no tokenizer.json in {cfg.data.train} (run `encdec prepare` first)")
-    return path
+    """data.tokenizer, else the tokenizer.json of data.train or of the first local mixture source."""
+    from data.mixture import find_tokenizer
+    from data.sources import DataError
+    try:
+        return find_tokenizer(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_config(cfg: RunConfig, vocab: int) -> ModelConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from data.mixture import check_data
 from launcher.config import load_config, validate_layout
 from launcher.dist_env import export_torch_env, read_env
 from launcher.signals import StopSignal
@@ -26,6 +27,7 @@ def run(config_path: str, overrides: list[str]) -> dict:
     cfg = load_config(config_path, overrides)
     env = read_env()
     validate_layout(cfg, env.world_size)          # before any process group waits
+    check_data(cfg.data)                           # every source resolves, or one clear error now
     export_torch_env(env if env.launcher != "single" else _single_process_env(env))
     from launcher.trainer import Trainer
     trainer = Trainer(cfg, env, stop=stop)

@@ -127,7 +127,7 @@ class Trainer:
             loss_sum += loss.detach().double().cpu()
         loss_sum = self._all_reduce(loss_sum, self.dp_group)
         return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item(),
-                "flops": counts[2].item()}
+                "flops": counts[2].item(), "pad_frac": sum(b["pad_frac"] for b in batches) / len(batches)}
 
     def train(self) -> dict:
         cfg, total = self.cfg, self.cfg.train.steps
@@ -183,7 +183,9 @@ class Trainer:
             "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.tokens_seen,
             "mfu": flops.mfu(window["flops"] / n_steps, step_time, self.peak_flops, world),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.startswith("cuda") else 0.0,
-            "skipped_samples": getattr(self.stream, "skipped", 0),
+            "skipped_samples": self.stream.skipped,
+            "pad_frac": window["pad_frac"] / n_steps,
+            **{f"packing_{k}": v for k, v in self.stream.stats.items()},
         }
         self.monitor.log(self.step, metrics)
 
