@@ -6,8 +6,13 @@ and the target lists every sentinel followed by the tokens it hides, then </s>:
     tokens   a b c d e f g           (noise: c d, f)
     input    a b <X0> e <X1> g </s>
     target   <X0> c d <X1> f </s>
-All randomness comes from the generator passed in, which the stream seeds by
-(seed, epoch, global sample index) so any resumed run sees byte-identical examples.
+All randomness is one row of L-2 uniforms per example (L = its token count), drawn from a
+generator the stream keys by (seed, dataset, epoch, global position), so a resumed run sees
+byte-identical examples. The noise count is round(L * noise_density) (at least 1, at most L-1),
+in round(noise / mean_span_length) spans; the spans and the kept runs between them are random
+compositions (cut at the smallest uniforms). Packed examples all have the same L, so a loader
+worker corrupts a whole micro-batch of them with one set of array operations
+(span_corrupt_rows), which is what makes the stream fast; span_corrupt is the one-row case.
 """
 from __future__ import annotations
 
@@ -19,66 +24,110 @@ from data.tokenizer import EOS_ID, PAD_ID, SENTINEL_BASE
 IGNORE = -100
 
 
-def _segment(total: int, n_segments: int, rng: np.random.Generator) -> np.ndarray:
-    """Random split of `total` items into `n_segments` non-empty runs (lengths)."""
-    cuts = np.sort(rng.choice(np.arange(1, total), size=n_segments - 1, replace=False)) if n_segments > 1 else []
-    return np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int64)
+def _counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) for a sequence of `length` tokens."""
+    n_noise = min(max(int(round(length * density)), 1), length - 1)
+    return n_noise, max(1, min(int(round(n_noise / mean_span)), n_noise, length - n_noise))
 
 
-def noise_mask(length: int, density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
-    n_noise = int(round(length * density))
-    n_noise = min(max(n_noise, 1), length - 1)
-    n_spans = max(1, min(int(round(n_noise / mean_span)), n_noise, length - n_noise))
-    noise_lens = _segment(n_noise, n_spans, rng)
-    keep_lens = _segment(length - n_noise, n_spans, rng)
-    # interleave: keep, noise, keep, noise, ... (every span is preceded by kept tokens)
-    mask = np.zeros(length, dtype=bool)
-    pos = 0
-    for k, n in zip(keep_lens, noise_lens):
-        pos += k
-        mask[pos:pos + n] = True
-        pos += n
-    return mask
+def _compositions(u: np.ndarray, n: int) -> np.ndarray:
+    """(B, m-1) uniforms -> (B, n) random positive run lengths summing to m (cuts at the n-1 smallest)."""
+    B, m = u.shape[0], u.shape[1] + 1
+    if n <= 1:
+        return np.full((B, 1), m, dtype=np.int64)
+    cuts = np.sort(np.argpartition(u, n - 2, axis=1)[:, :n - 1], axis=1) + 1
+    return np.diff(cuts, axis=1, prepend=0, append=m)
+
+
+def noise_spans_rows(length: int, density: float, mean_span: float, u: np.ndarray):
+    """u (B, length-2) uniforms -> (starts, lengths), each (B, n_spans): the noise spans of each row.
+
+    Spans and the kept runs between them alternate, every span preceded by kept tokens.
+    """
+    n_noise, n_spans = _counts(length, density, mean_span)
+    noise = _compositions(u[:, :n_noise - 1], n_spans)
+    keep = _compositions(u[:, n_noise - 1:length - 2], n_spans)
+    return np.cumsum(keep, axis=1) + np.cumsum(noise, axis=1) - noise, noise
+
+
+def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, n_sentinels: int,
+                      u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Span corruption of B equal-length rows at once; row i's noise comes from u[i] only.
+
+    rows (B, L) ids without </s>, u (B, L-2) uniforms in [0, 1) -> inputs (B, L - noise + spans + 1)
+    and targets (B, noise + spans + 1), every row ending in </s>.
+    """
+    B, L = rows.shape
+    starts, lens = noise_spans_rows(L, density, mean_span, u)
+    n = starts.shape[1]
+    n_noise = int(lens[0].sum())
+    if n > n_sentinels:
+        raise ValueError(f"{n} noise spans but only {n_sentinels} sentinel tokens")
+    sentinels = np.arange(SENTINEL_BASE, SENTINEL_BASE + n, dtype=np.int32)
+    ar = np.arange(B)[:, None]
+    before = np.cumsum(lens, axis=1) - lens                       # noise tokens before each span
+    pos = np.repeat((starts - before).ravel(), lens.ravel()) + np.tile(np.arange(n_noise), B)
+    is_noise = np.zeros((B, L), dtype=bool)
+    is_noise[np.repeat(np.arange(B), n_noise), pos] = True
+    # input: the ids with each span replaced by its sentinel, then </s>
+    inp = np.empty((B, L + 1), dtype=np.int32)
+    inp[:, :L] = rows
+    inp[:, L] = EOS_ID
+    inp[ar, starts] = sentinels
+    keep = np.ones((B, L + 1), dtype=bool)
+    keep[:, :L] = ~is_noise
+    keep[ar, starts] = True
+    # target: each sentinel followed by the tokens it hides, then </s>
+    T = n_noise + n + 1
+    tgt = np.empty((B, T), dtype=np.int32)
+    at_sentinel = np.zeros((B, T), dtype=bool)
+    at_sentinel[ar, before + np.arange(n)] = True
+    tgt[at_sentinel] = np.tile(sentinels, B)
+    at_sentinel[:, -1] = True
+    tgt[~at_sentinel] = rows[is_noise]
+    tgt[:, -1] = EOS_ID
+    return inp[keep].reshape(B, L + 1 - n_noise + n), tgt
 
 
 def span_corrupt(ids: np.ndarray, density: float, mean_span: float, n_sentinels: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """ids: tokens without the trailing </s>. Returns (input ids, target ids), both ending in </s>."""
+    ids = np.asarray(ids, dtype=np.int32)
     if len(ids) < 2:
         return np.append(ids, EOS_ID).astype(np.int32), np.array([SENTINEL_BASE, EOS_ID], dtype=np.int32)
-    mask = noise_mask(len(ids), density, mean_span, rng)
-    starts = mask & ~np.concatenate([[False], mask[:-1]])
-    span_id = np.cumsum(starts) - 1
-    if span_id.max() >= n_sentinels:
-        raise ValueError(f"{span_id.max() + 1} noise spans but only {n_sentinels} sentinel tokens")
-    inp = np.where(starts, SENTINEL_BASE + span_id, ids)[~mask | starts]
-    # the target: each sentinel, then the tokens of its span
-    out, s = [], 0
-    for is_start, tok in zip(starts[mask], ids[mask]):
-        if is_start:
-            out.append(SENTINEL_BASE + s)
-            s += 1
-        out.append(tok)
-    return (np.append(inp, EOS_ID).astype(np.int32), np.array(out + [EOS_ID], dtype=np.int32))
+    inp, tgt = span_corrupt_rows(ids[None], density, mean_span, n_sentinels, rng.random((1, len(ids) - 2)))
+    return inp[0], tgt[0]
+
+
+def span_target_length(input_len: int, density: float, mean_span: float) -> int:
+    """Target length (sentinels + noise + </s>) of a packed example with raw_length_for(input_len) tokens."""
+    noise, spans = _counts(raw_length_for(input_len, density, mean_span), density, mean_span)
+    return noise + spans + 1
 
 
 def raw_length_for(input_len: int, density: float, mean_span: float) -> int:
     """Longest raw token count whose corrupted input (with sentinels and </s>) fits input_len."""
-    n = input_len
+    n = int(input_len / (1 - density + density / mean_span)) + 4      # upper bound: work downwards
     while n > 2:
-        noise = int(round(n * density))
-        spans = max(1, int(round(noise / mean_span)))
+        noise, spans = _counts(n, density, mean_span)
         if n - noise + spans + 1 <= input_len:
             return n
         n -= 1
     return 2
 
 
+def placeholder(key: str = "") -> dict:
+    """A sample that keeps a batch slot filled but carries no loss (all labels ignored)."""
+    return {"key": key, "src": np.array([EOS_ID], np.int32), "tgt": np.array([EOS_ID], np.int32), "ignore": True}
+
+
 def collate(samples: list[dict], max_src: int, max_tgt: int, decoder_start: int = PAD_ID) -> dict:
     """List of {"src": ids, "tgt": ids} (numpy, each ending in </s>) -> padded tensors.
 
     src (B, S) / src_mask (B, S) bool / tgt_in (B, T) = [start] + tgt[:-1] / labels (B, T), -100 on padding.
-    S and T are the longest lengths in this batch (capped), so short batches cost less.
+    S and T are the longest lengths in this batch (capped), so short batches cost less. A sample
+    with "ignore" (a placeholder) has every label at -100. pad_frac: the share of the B*(S+T)
+    token slots that are padding or placeholders; n_real: (source, target) tokens that count.
     """
     B = len(samples)
     srcs = [s["src"][:max_src] for s in samples]
@@ -88,11 +137,15 @@ def collate(samples: list[dict], max_src: int, max_tgt: int, decoder_start: int 
     src_mask = np.zeros((B, S), dtype=bool)
     labels = np.full((B, T), IGNORE, dtype=np.int64)
     tgt_in = np.full((B, T), PAD_ID, dtype=np.int64)
-    for i, (x, y) in enumerate(zip(srcs, tgts)):
+    tgt_in[:, 0] = decoder_start
+    n_src = n_tgt = 0
+    for i, (x, y, smp) in enumerate(zip(srcs, tgts, samples)):
         src[i, :len(x)] = x
         src_mask[i, :len(x)] = True
-        labels[i, :len(y)] = y
-        tgt_in[i, 0] = decoder_start
         tgt_in[i, 1:len(y)] = y[:-1]
+        if not smp.get("ignore"):
+            labels[i, :len(y)] = y
+            n_src, n_tgt = n_src + len(x), n_tgt + len(y)
     return {"src": torch.from_numpy(src), "src_mask": torch.from_numpy(src_mask), "tgt_in": torch.from_numpy(tgt_in),
-            "labels": torch.from_numpy(labels), "keys": [s["key"] for s in samples]}
+            "labels": torch.from_numpy(labels), "keys": [s["key"] for s in samples],
+            "pad_frac": 1.0 - (n_src + n_tgt) / (B * (S + T)), "n_real": (n_src, n_tgt)}

@@ -1,242 +1,316 @@
 """Streaming webdataset shards with a global sample order that does not depend on the layout.
 
-The order of an epoch is a function of (seed, epoch, shards, data.num_streams) only:
-
-  1. the shards are permuted (seeded by seed, epoch) and laid end to end: N samples;
-  2. that sequence is cut into V = num_streams equal canonical streams of L = N // V samples
-     (the < V samples left over are dropped this epoch, and differ between epochs);
-  3. inside a stream, blocks of `shuffle_block` consecutive samples are permuted (seed, epoch, v, block);
-  4. global position g is item g // V of stream g % V (round-robin over the streams).
+Each dataset's epoch is a function of (seed, epoch, its shards, data.num_streams = V) only:
+  1. its shards are permuted (seeded by seed, dataset, epoch) and laid end to end: N samples;
+  2. that sequence is cut into V canonical streams of L = N // V samples (the < V samples left
+     over are dropped this epoch, and differ between epochs; validation keeps them, see below);
+  3. a stream is read in blocks of `shuffle_block` samples, each permuted by (seed, epoch, stream,
+     block); span-corruption text is packed block by block into full-length examples (packing.py),
+     pairs stay one sample per example; an epoch has P examples per stream, known from the
+     manifest before anything is read, the same for every stream.
+The global order is a grid: global position g is row g // V of stream g % V. A single dataset
+fills every row (row j = its example j); a mixture gives each row to one dataset (mixture.py).
+Pairs are length-bucketed inside windows of global batches (packing.py).
 
 Global batch k is positions [k*G, (k+1)*G) (G = global batch size). Data-parallel rank r takes
-the positions g = r (mod dp); its loader worker w takes every nw-th of those, so the DataLoader's
-round-robin over workers returns rank r's positions in order. An epoch has E // G steps with
-E = V*L, the same number for every rank, whatever the shard sizes.
+the positions g = r (mod dp), in micro-batches of `micro_batch`; inside a micro-batch its loader
+worker w takes every nw-th sample, and the main process reassembles the micro-batch. Every rank
+yields the same number of micro-batches per step whatever the shard sizes. When dp x workers
+divides V, each reader opens only its own streams (V / (dp x workers) of them); otherwise
+readers also read (and drop) parts of streams they share.
 
-Each stream is read sequentially (tar streaming works for local files, pipe: and remote URLs);
-when (dp x workers) divides V, each reader opens only its own streams. The resumable state is
-just {"epoch", "cursor"}: the global position reached at a step boundary. Resuming with another
-dp size or worker count continues with exactly the positions not yet consumed.
+The resumable state is {"epoch", "cursor"}: g = epoch * E + cursor (E = positions per epoch), at
+a step boundary. Resuming with another dp size or worker count continues with exactly the
+positions not yet consumed. Span-corruption noise is drawn from an RNG keyed by (seed, dataset,
+epoch, cursor), so every example is byte-identical on any resume.
+
+Bad data (a sample whose JSON is invalid or empty, a member that does not decode, a truncated or
+unreadable shard) is logged with its shard and counted; its slot becomes a placeholder example
+whose labels are all ignored (packed text just skips the document), so batch counts and the
+order of everything else are unchanged. Past data.max_bad_samples the stream raises DataError.
+
+Validation (shuffle=False): no permutation, streams of L = ceil(N / V) samples so every sample
+appears exactly once, the last global batch filled with placeholders: the same examples and the
+same loss on every run and every layout.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
+import hashlib
+import math
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data.objectives import collate, raw_length_for, span_corrupt
-from data.prepare import load_manifest
-from data.tokenizer import EOS_ID
+from data.mixture import Component, Schedule
+from data.objectives import collate, placeholder, raw_length_for, span_corrupt, span_corrupt_rows
+from data.packing import bucket_assign
+from data.reader import Geometry, StreamReader, seeded_rng
+from data.records import BadSamples
+from data.sources import DataError, Shard, resolve_source
 
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    num_samples: int
+__all__ = ["DataError", "DataStream", "Shard", "StreamSpec", "resolve_shards", "steps_in_epoch"]
 
 
-def resolve_shards(spec: str) -> list[Shard]:
-    """A prepared folder (with manifest.json) or a manifest path -> its shards."""
-    man = load_manifest(spec)
-    base = os.path.dirname(spec) if spec.endswith(".json") else spec
-    shards = [Shard(os.path.join(base, s["name"]), int(s["num_samples"])) for s in man["shards"]]
-    for s in shards:
-        if not os.path.isfile(s.url):
-            raise FileNotFoundError(f"shard listed in the manifest is missing: {s.url}")
-    if not shards or sum(s.num_samples for s in shards) == 0:
-        raise ValueError(f"no samples in {spec}")
-    return shards
+def resolve_shards(spec: str, manifest: str = "") -> list[Shard]:
+    return resolve_source(spec, manifest)
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) for k in key])
+class _KeyedRNG:
+    """A counter-based generator re-keyed per example by a hash of (seed, dataset, epoch, cursor).
 
+    Re-keying one Philox is ~10x cheaper than building a generator per example; the draws depend
+    on the key only.
+    """
 
-def epoch_streams(shards: list[Shard], num_streams: int, seed: int, epoch: int, shuffle: bool = True):
-    """-> (segments per stream [(shard index, start, end)], samples per stream L)."""
-    order = _rng(seed, epoch, 0).permutation(len(shards)) if shuffle else np.arange(len(shards))
-    total = sum(s.num_samples for s in shards)
-    L = total // num_streams
-    if L == 0:
-        raise ValueError(f"{total} samples cannot fill data.num_streams={num_streams} streams")
-    streams, pos = [[] for _ in range(num_streams)], 0
-    for i in order:
-        n = shards[i].num_samples
-        a = 0
-        while a < n:
-            v = pos // L
-            if v >= num_streams:
-                break
-            b = min(n, a + (v + 1) * L - pos)
-            streams[v].append((int(i), a, b))
-            pos += b - a
-            a = b
-    return streams, L
+    def __init__(self):
+        self.bits = np.random.Philox(key=np.zeros(2, dtype=np.uint64))
+        self.gen = np.random.Generator(self.bits)
+        self.state = self.bits.state
 
-
-def _read_shard(url: str):
-    """Yields (key, raw sample dict) from one tar shard, in file order."""
-    stream = wds.gopen(url)
-    try:
-        files = (dict(f, __url__=url) for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
-            yield sample["__key__"], sample
-    finally:
-        stream.close()
-
-
-class StreamReader:
-    """Sequential random access (non-decreasing positions) into one canonical stream."""
-
-    def __init__(self, shards, segments, length, block, seed, epoch, v, shuffle):
-        self.shards, self.segments, self.length = shards, segments, length
-        self.block, self.key, self.shuffle = block, (seed, epoch, v), shuffle
-        self._seg = -1          # index of the open segment
-        self._it = None
-        self._raw = 0           # raw stream position of the next sample from _it
-        self._seg_starts = np.cumsum([0] + [b - a for _, a, b in segments])
-        self._b, self._items, self._perm = -1, [], None
-
-    def _seek_raw(self, target: int):
-        """Positions the raw iterator so that the next sample read is raw position `target`."""
-        if self._it is None or target < self._raw or not (self._seg_starts[self._seg] <= target < self._seg_starts[self._seg + 1]):
-            seg = int(np.searchsorted(self._seg_starts, target, side="right") - 1)
-            shard_i, a, _ = self.segments[seg]
-            self._seg, self._it, self._raw = seg, _read_shard(self.shards[shard_i].url), self._seg_starts[seg]
-            for _ in range(a):
-                next(self._it)
-        while self._raw < target:
-            self._next_raw()
-
-    def _next_raw(self):
-        if self._raw >= self._seg_starts[self._seg + 1]:
-            self._seg += 1
-            shard_i, a, _ = self.segments[self._seg]
-            self._it = _read_shard(self.shards[shard_i].url)
-            for _ in range(a):
-                next(self._it)
-        try:
-            item = next(self._it)
-        except StopIteration:
-            url = self.shards[self.segments[self._seg][0]].url
-            raise RuntimeError(f"shard {url} has fewer samples than its manifest says") from None
-        self._raw += 1
-        return item
-
-    def get(self, j: int):
-        b = j // self.block
-        if b != self._b:
-            lo, hi = b * self.block, min((b + 1) * self.block, self.length)
-            self._seek_raw(lo)
-            self._items = [self._next_raw() for _ in range(hi - lo)]
-            self._perm = _rng(*self.key, b).permutation(hi - lo) if self.shuffle else np.arange(hi - lo)
-            self._b = b
-        return self._items[self._perm[j - b * self.block]]
+    def __call__(self, *key: int) -> np.random.Generator:
+        digest = hashlib.blake2b(",".join(map(str, key)).encode(), digest_size=16).digest()
+        st = self.state
+        st["state"]["key"][:] = np.frombuffer(digest, dtype=np.uint64)
+        st["state"]["counter"][:] = 0
+        st["buffer"][:] = 0
+        st["buffer_pos"], st["has_uint32"], st["uinteger"] = 4, 0, 0
+        self.bits.state = st
+        return self.gen
 
 
 @dataclass
 class StreamSpec:
-    """What a reader needs; plain data so it pickles into loader workers."""
-    shards: list
-    objective: str
-    num_streams: int
-    shuffle_block: int
-    seed: int
-    global_batch: int
-    max_src_len: int
-    max_tgt_len: int
-    noise_density: float
-    mean_span_length: float
-    n_sentinels: int
+    """What a reader needs; plain data so it pickles into loader workers.
+
+    A single dataset is given by shards + objective; a mixture by components (mixture.Component).
+    """
+    shards: list | None = None
+    objective: str = "pairs"
+    num_streams: int = 8
+    shuffle_block: int = 1024
+    seed: int = 0
+    global_batch: int = 64
+    max_src_len: int = 128
+    max_tgt_len: int = 128
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    n_sentinels: int = 100
     shuffle: bool = True
+    pack: bool = True
+    bucket_window: int = 0
+    max_bad_samples: int = 100
+    components: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.components:
+            if not self.shards:
+                raise DataError("no shards given")
+            self.components = [Component("", list(self.shards), self.objective)]
+        if len(self.components) > 1 and self.global_batch % self.num_streams:
+            raise DataError(f"a mixture needs the global batch ({self.global_batch}) to be a multiple of "
+                            f"data.num_streams={self.num_streams}")
+        if len(self.components) > 1 and not self.shuffle:
+            raise DataError("validation data must be a single dataset, not a mixture")
+        self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
+        self.geometry = [Geometry(self, c) for c in self.components]
+        self.epoch_positions = self.num_streams * sum(g.P for g in self.geometry)
 
 
-def steps_in_epoch(spec: StreamSpec, epoch: int) -> int:
-    _, L = epoch_streams(spec.shards, spec.num_streams, spec.seed, epoch, spec.shuffle)
-    return (spec.num_streams * L) // spec.global_batch
+class Layout:
+    """Global position -> example, for one reader (a rank's loader worker)."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec, self.V, self.G = spec, spec.num_streams, spec.global_batch
+        self.bad = BadSamples(spec.max_bad_samples)
+        self.stats = {"dropped_tokens": 0, "repeated_tokens": 0}
+        multi = len(spec.components) > 1
+        self.schedule = Schedule([c.weight for c in spec.components], spec.global_batch // spec.num_streams,
+                                 spec.seed) if multi else None
+        self.W = spec.bucket_window if spec.shuffle else 0
+        win_items = -(-self.W * self.G // self.V) if self.W else 0
+        self.cache_blocks = 2 + -(-win_items // spec.shuffle_block)
+        self.readers: dict = {}
+        self._buckets: dict = {}
+        self.noise_rng = _KeyedRNG()
+
+    def reader(self, c: int, v: int) -> StreamReader:
+        if (c, v) not in self.readers:
+            self.readers[(c, v)] = StreamReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
+        return self.readers[(c, v)]
+
+    def locate(self, g: int) -> tuple[int, int, int]:
+        """-> (dataset c, stream v, example index i in that stream)."""
+        v, j = g % self.V, g // self.V
+        c, i = self.schedule.locate(j) if self.schedule else (0, j)
+        if self.W and not self.spec.geometry[c].packed:
+            i = self._bucketed(c, v, g)
+        return c, v, i
+
+    def _bucketed(self, c: int, v: int, g: int) -> int:
+        span = self.W * self.G
+        w = g // span
+        if self._buckets.get((c, v), (None,))[0] != w:
+            lo = w * span + ((v - w * span) % self.V)                 # first position of stream v in the window
+            rows = np.arange((lo - v) // self.V, (w * span + span - v + self.V - 1) // self.V)
+            if self.schedule:
+                rows = rows[[self.schedule.locate(int(j))[0] == c for j in rows]]
+            i0 = self.schedule.locate(int(rows[0]))[1] if self.schedule else int(rows[0])
+            items = np.arange(i0, i0 + len(rows))
+            rdr = self.reader(c, v)
+            lengths = np.array([rdr.length(int(i)) for i in items])
+            order = seeded_rng(self.spec.seed, c, w, 11).permutation(self.W)
+            rank = {w * self.W + k: int(order[k]) for k in range(self.W)}
+            a = bucket_assign(lengths, items // self.spec.geometry[c].P, (rows * self.V + v) // self.G, rank)
+            self._buckets[(c, v)] = (w, dict(zip(rows.tolist(), (i0 + a).tolist())))
+        return self._buckets[(c, v)][1][g // self.V]
+
+    def examples(self, gs: list[int]) -> list[dict]:
+        """The examples at global positions gs. Packed span rows (all raw_len long) are corrupted
+        together; each one's noise still depends on its own position only."""
+        spec, out, packed = self.spec, [], []
+        for g in gs:
+            if not spec.shuffle and g >= spec.epoch_positions:
+                out.append(placeholder())                          # validation: past the last sample
+                continue
+            c, v, i = self.locate(g)
+            item = self.reader(c, v).item(i)
+            if item is None:
+                out.append(placeholder())
+                continue
+            comp = spec.components[c]
+            ex = {"key": f"{comp.name}/{item[0]}" if comp.name else item[0]}
+            out.append(ex)
+            if comp.objective == "pairs":
+                ex["src"], ex["tgt"] = item[1]
+                continue
+            e, cursor = divmod(g, spec.epoch_positions)
+            rng = self.noise_rng(spec.seed, c, e, cursor)
+            if spec.geometry[c].packed:
+                packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
+            else:
+                ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
+                                                    spec.n_sentinels, rng)
+        if packed:
+            src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
+                                         spec.n_sentinels, np.stack([p[2] for p in packed]))
+            for (ex, _, _), x, y in zip(packed, src, tgt):
+                ex["src"], ex["tgt"] = x, y
+        return out
 
 
-def make_sample(spec: StreamSpec, epoch: int, g: int, key: str, raw: dict) -> dict:
-    try:
-        rec = json.loads(raw["json"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"sample {key} in {raw.get('__url__', '?')}: bad json member ({e})") from None
-    if spec.objective == "pairs":
-        return {"key": key, "src": np.asarray(rec["src"], np.int32), "tgt": np.asarray(rec["tgt"], np.int32)}
-    ids = np.asarray(rec["ids"], np.int32)
-    if len(ids) and ids[-1] == EOS_ID:
-        ids = ids[:-1]
-    ids = ids[:raw_length_for(spec.max_src_len, spec.noise_density, spec.mean_span_length)]
-    src, tgt = span_corrupt(ids, spec.noise_density, spec.mean_span_length, spec.n_sentinels,
-                            _rng(spec.seed, epoch, g, 1))
-    return {"key": key, "src": src, "tgt": tgt}
+def steps_in_epoch(spec: StreamSpec, epoch: int = 0) -> int:
+    """Global batches in an epoch: whole ones for training, all (the last one padded) for validation."""
+    E, G = spec.epoch_positions, spec.global_batch
+    return E // G if spec.shuffle else -(-E // G)
 
 
-def iter_positions(spec: StreamSpec, epoch: int, start: int, step: int):
-    """Samples at global positions start, start+step, ... up to the epoch's last full batch."""
-    segments, L = epoch_streams(spec.shards, spec.num_streams, spec.seed, epoch, spec.shuffle)
-    end = (spec.num_streams * L) // spec.global_batch * spec.global_batch
-    readers = {}
-    for g in range(start, end, step):
-        v, j = g % spec.num_streams, g // spec.num_streams
-        if v not in readers:
-            readers[v] = StreamReader(spec.shards, segments[v], L, spec.shuffle_block, spec.seed, epoch, v,
-                                      spec.shuffle)
-        key, raw = readers[v].get(j)
-        yield make_sample(spec, epoch, g, key, raw)
+def _as_is(x):
+    """The loader's collate_fn: parts stay numpy (pickled whole), not tensors sent one by one."""
+    return x
 
 
-class _RankReader(torch.utils.data.IterableDataset):
-    def __init__(self, spec: StreamSpec, epoch: int, cursor: int, dp_rank: int, dp_size: int):
-        self.spec, self.epoch, self.cursor, self.dp_rank, self.dp_size = spec, epoch, cursor, dp_rank, dp_size
+class _RankParts(torch.utils.data.IterableDataset):
+    """One rank's micro-batches from `start`; a loader worker yields its share of each micro-batch."""
+
+    def __init__(self, spec, start, dp_rank, dp_size, micro_batch, n_micro):
+        self.spec, self.start, self.dp_rank, self.dp_size = spec, start, dp_rank, dp_size
+        self.mb, self.n_micro = micro_batch, n_micro
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
-        start = self.cursor + self.dp_rank + self.dp_size * w
-        return iter_positions(self.spec, self.epoch, start, self.dp_size * nw)
+        layout = Layout(self.spec)
+        t = 0
+        while self.n_micro is None or t < self.n_micro:
+            part, err = [], None
+            first = t * self.mb
+            qs = list(range(first + (w - first) % nw, first + self.mb, nw))
+            try:
+                exs = layout.examples([self.start + self.dp_rank + self.dp_size * q for q in qs])
+                part = [(q - first, ex) for q, ex in zip(qs, exs)]
+            except DataError as e:
+                err = str(e)
+            yield part, {"bad": layout.bad.count, **layout.stats, "error": err}
+            if err:
+                return
+            t += 1
 
 
 class DataStream:
-    """Endless iterator of micro-batches for one data-parallel rank; checkpointable."""
+    """Endless iterator of micro-batches for one data-parallel rank; checkpointable.
+
+    Each batch: src, src_mask, tgt_in, labels (tensors), keys, pad_frac (padding share of its
+    token slots). Counters for the trainer: skipped (bad samples seen by this rank's readers),
+    pad_frac (over every batch so far), stats (dropped / repeated packing tokens).
+    """
 
     def __init__(self, spec: StreamSpec, dp_rank: int, dp_size: int, micro_batch: int, num_workers: int = 0):
         if spec.global_batch % (micro_batch * dp_size):
-            raise ValueError(f"global batch {spec.global_batch} is not a multiple of micro batch {micro_batch} x dp {dp_size}")
+            raise DataError(f"global batch {spec.global_batch} is not a multiple of micro batch {micro_batch} "
+                            f"x dp {dp_size}")
         self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
         self.micro_batch, self.num_workers = micro_batch, num_workers
-        self.epoch, self.cursor = 0, 0
+        self.g = 0                                      # next global position of this rank's micro-batches
+        self.skipped, self.stats = 0, {}
+        self._real = self._slots = 0
+        readers = dp_size * max(1, num_workers)
+        if spec.num_streams % readers and dp_rank == 0 and spec.shuffle:
+            print(f"data: num_streams={spec.num_streams} is not a multiple of dp x workers = {readers}: "
+                  "readers share streams and read more than their part", file=sys.stderr)
+
+    @property
+    def pad_frac(self) -> float:
+        return 1.0 - self._real / self._slots if self._slots else 0.0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        e, cursor = divmod(self.g, self.spec.epoch_positions)
+        return {"epoch": e, "cursor": cursor}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        g = int(state["epoch"]) * self.spec.epoch_positions + int(state["cursor"])
+        if g % (self.micro_batch * self.dp_size):
+            raise DataError(f"data state {state} is not at a micro-batch boundary of micro_batch "
+                            f"{self.micro_batch} x dp {self.dp_size}")
+        self.g = g
 
-    def _loader(self):
-        ds = _RankReader(self.spec, self.epoch, self.cursor, self.dp_rank, self.dp_size)
+    def _parts(self):
+        n_micro = None
+        if not self.spec.shuffle:                       # validation: one pass, then stop
+            end = steps_in_epoch(self.spec) * self.spec.global_batch
+            n_micro = max(0, math.ceil((end - self.g) / (self.micro_batch * self.dp_size)))
+        ds = _RankParts(self.spec, self.g, self.dp_rank, self.dp_size, self.micro_batch, n_micro)
         if self.num_workers == 0:
             return iter(ds)
-        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                persistent_workers=False, prefetch_factor=64))
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                                                persistent_workers=False, prefetch_factor=4))
 
     def __iter__(self):
-        per_batch = self.micro_batch * self.dp_size      # global positions consumed per micro-batch
+        nw, mb = max(1, self.num_workers), self.micro_batch
+        parts, base_bad, base_stats = self._parts(), self.skipped, dict(self.stats)
+        worker_bad, worker_stats = [0] * nw, [{} for _ in range(nw)]
         while True:
-            if steps_in_epoch(self.spec, self.epoch) * self.spec.global_batch <= self.cursor:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                continue
-            buf = []
-            for sample in self._loader():
-                buf.append(sample)
-                if len(buf) == self.micro_batch:
-                    batch = collate(buf, self.spec.max_src_len, self.spec.max_tgt_len)
-                    buf = []
-                    self.cursor += per_batch
-                    yield batch
-            self.epoch, self.cursor = self.epoch + 1, 0
+            samples = [None] * mb
+            for w in range(nw):
+                try:
+                    part, st = next(parts)
+                except StopIteration:
+                    return
+                if st["error"]:
+                    raise DataError(st["error"])
+                for q, s in part:
+                    samples[q] = s
+                worker_bad[w] = st["bad"]
+                worker_stats[w] = {k: v for k, v in st.items() if k not in ("bad", "error")}
+            self.skipped = base_bad + sum(worker_bad)
+            self.stats = {k: base_stats.get(k, 0) + sum(ws.get(k, 0) for ws in worker_stats) for k in worker_stats[0]}
+            if self.skipped > self.spec.max_bad_samples:
+                raise DataError(f"{self.skipped} bad samples on this rank, more than data.max_bad_samples="
+                                f"{self.spec.max_bad_samples} (see the log lines above)")
+            batch = collate(samples, self.spec.max_src_len, self.spec.max_tgt_len)
+            n_src, n_tgt = batch["n_real"]
+            self._real += n_src + n_tgt
+            self._slots += batch["src"].numel() + batch["labels"].numel()
+            self.g += mb * self.dp_size
+            yield batch

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from data.stream import DataStream, StreamSpec, resolve_shards
+from data.stream import DataStream, StreamSpec
 from data.tokenizer import load_tokenizer, num_sentinels
 from launcher.config import ConfigError, RunConfig
 from launcher.schedule import lr_multiplier
@@ -14,10 +14,13 @@ from model.transformer import ModelConfig, Transformer, padded_vocab
 
 
 def tokenizer_path(cfg: RunConfig) -> str:
-    path = os.path.join(cfg.data.train, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config key 'data.train': no tokenizer.json in {cfg.data.train} (run `encdec prepare` first)")
-    return path
+    """data.tokenizer, else the tokenizer.json of data.train or of the first local mixture source."""
+    from data.mixture import find_tokenizer
+    from data.sources import DataError
+    try:
+        return find_tokenizer(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_config(cfg: RunConfig, vocab: int) -> ModelConfig:
@@ -73,13 +76,14 @@ def ds_config(cfg: RunConfig, accum: int) -> dict:
 
 def build_stream(cfg: RunConfig, spec_path: str, dp_rank: int, dp: int, shuffle: bool,
                  global_batch: int | None = None) -> DataStream:
+    """The data stream of one data-parallel rank: spec_path (data.train / data.valid), or data.mixture."""
+    from data.mixture import components_for, find_tokenizer
     d = cfg.data
-    if not spec_path:
-        raise ConfigError("config key 'data.train': no training data given")
-    tok = load_tokenizer(tokenizer_path(cfg))
-    spec = StreamSpec(shards=resolve_shards(spec_path), objective=d.objective, num_streams=d.num_streams,
-                      shuffle_block=d.shuffle_block, seed=d.seed,
-                      global_batch=global_batch or cfg.train.global_batch_size,
-                      max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len, noise_density=d.noise_density,
-                      mean_span_length=d.mean_span_length, n_sentinels=num_sentinels(tok), shuffle=shuffle)
+    components = components_for(d, spec_path, shuffle)
+    tok = load_tokenizer(find_tokenizer(d))
+    spec = StreamSpec(components=components, num_streams=d.num_streams, shuffle_block=d.shuffle_block, seed=d.seed,
+                      global_batch=global_batch or cfg.train.global_batch_size, max_src_len=d.max_src_len,
+                      max_tgt_len=d.max_tgt_len, noise_density=d.noise_density, mean_span_length=d.mean_span_length,
+                      n_sentinels=num_sentinels(tok), shuffle=shuffle, pack=d.pack, bucket_window=d.bucket_window,
+                      max_bad_samples=d.max_bad_samples)
     return DataStream(spec, dp_rank, dp, cfg.train.micro_batch_size, d.num_workers)

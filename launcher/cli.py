@@ -28,7 +28,9 @@ def _train(a) -> int:
     from launcher.config import load_config, validate_layout
     cfg = load_config(a.config, a.overrides)            # fail here, before any process starts
     if a.nproc and a.nproc > 1:
+        from data.mixture import check_data
         validate_layout(cfg, a.nproc)
+        check_data(cfg.data)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                "-m", "launcher.train", a.config, *a.overrides]
         return subprocess.call(cmd)

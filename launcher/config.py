@@ -35,6 +35,12 @@ class DataConfig:
     num_workers: int = 1            # loader worker processes per rank
     seed: int = 1234
     max_bad_samples: int = 100      # skipped-and-logged bad samples before the run stops
+    train_manifest: str = ""        # manifest for a URL-pattern data.train ("" = manifest.json next to the shards)
+    valid_manifest: str = ""
+    mixture: list = field(default_factory=list)  # [{source, weight, objective, manifest, name}] instead of data.train
+    pack: bool = True               # span: concatenate documents to fill max_src_len
+    bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
+    tokenizer: str = ""             # tokenizer.json, when data.train is not a local prepared folder
 
 
 @dataclass
@@ -242,6 +248,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
     _check(d.num_streams > 0, "data.num_streams", f"must be > 0, got {d.num_streams}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.bucket_window >= 0, "data.bucket_window", f"must be >= 0, got {d.bucket_window}")
+    _check(d.max_bad_samples >= 0, "data.max_bad_samples", f"must be >= 0, got {d.max_bad_samples}")
+    if d.mixture:
+        from data.mixture import parse_mixture
+        _check(not d.train, "data.mixture", "set either data.train or data.mixture, not both")
+        try:
+            parse_mixture(d.mixture, d.objective)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check(max(d.max_src_len, d.max_tgt_len) <= m.max_positions, "data.max_src_len",
            f"lengths {d.max_src_len}/{d.max_tgt_len} exceed model.max_positions={m.max_positions}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")

@@ -10,7 +10,6 @@ the result equals one process on the same global batch, whatever dp and accum ar
 from __future__ import annotations
 
 import os
-import signal
 import time
 from datetime import timedelta
 
@@ -27,6 +26,7 @@ from launcher.dist_env import DistEnv
 from launcher import flops
 from launcher.monitor import Monitor
 from launcher.parallel.plan import parallelize
+from launcher.signals import StopSignal
 from model.transformer import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
@@ -46,7 +46,7 @@ def init_distributed(env: DistEnv, timeout_s: int) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv):
+    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None):
         self.cfg, self.env = cfg, env
         self.device = init_distributed(env, cfg.train.collective_timeout_s)
         self.dp = validate_layout(cfg, env.world_size)
@@ -79,16 +79,11 @@ class Trainer:
             "world_size": env.world_size, "dp": self.dp, "tp": cfg.parallel.tp, "accum": self.accum,
             "n_params": count_parameters(cfg.model)})
         self.peak_flops = flops.peak_flops(self.device, cfg.train.precision)
-        self._stop_signal = False
+        self.stop = stop or StopSignal().install()
         self._grad_norm = 0.0
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
         ckpt.maybe_resume(self)
 
     # ------------------------------------------------------------------ helpers
-    def _on_signal(self, signum, frame):
-        self._stop_signal = True
-
     def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.to(self.device)
         dist.all_reduce(t, op=op, group=group)
@@ -96,7 +91,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """All ranks agree to stop at the same step if any rank got SIGUSR1/SIGTERM."""
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
         return bool(self._all_reduce(flag, op=dist.ReduceOp.MAX).item() > 0)
 
     def _autocast(self):
@@ -132,7 +127,7 @@ class Trainer:
             loss_sum += loss.detach().double().cpu()
         loss_sum = self._all_reduce(loss_sum, self.dp_group)
         return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item(),
-                "flops": counts[2].item()}
+                "flops": counts[2].item(), "pad_frac": sum(b["pad_frac"] for b in batches) / len(batches)}
 
     def train(self) -> dict:
         cfg, total = self.cfg, self.cfg.train.steps
@@ -188,7 +183,9 @@ class Trainer:
             "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.tokens_seen,
             "mfu": flops.mfu(window["flops"] / n_steps, step_time, self.peak_flops, world),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.startswith("cuda") else 0.0,
-            "skipped_samples": getattr(self.stream, "skipped", 0),
+            "skipped_samples": self.stream.skipped,
+            "pad_frac": window["pad_frac"] / n_steps,
+            **{f"packing_{k}": v for k, v in self.stream.stats.items()},
         }
         self.monitor.log(self.step, metrics)
 

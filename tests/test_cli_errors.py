@@ -61,3 +61,9 @@ def test_missing_config_file(tmp_path):
 def test_missing_checkpoint(tmp_path):
     _one_error_line(run_cli(["convert", str(tmp_path / "no_ckpt"), str(tmp_path / "hf")]), "no_ckpt")
     assert not (tmp_path / "hf").exists()
+
+
+def test_shard_pattern_that_matches_nothing(tmp_path):
+    r = run_cli(["train", "configs/test-tiny.yaml", f"data.train={tmp_path}/none-{{000..003}}.tar", "--nproc", "2"],
+                timeout=120)
+    _one_error_line(r, "none-")

@@ -1,0 +1,317 @@
+"""Where shards come from, and a streaming tar reader that notices truncation.
+
+A source is one of
+    /data/prepared                     a prepared folder (its manifest.json lists the shards)
+    /data/prepared/manifest.json       a manifest (local or any URL): shards sit next to it
+    /data/shard-{000000..000099}.tar   a brace pattern (several patterns joined by '::'); local globs too
+    pipe:curl -s https://host/shard-{000..099}.tar    a shell command per shard that writes the tar
+    s3://bucket/shard-{000..099}.tar   any fsspec URL (s3://, gs://, https://, file://, memory://)
+For a pattern the per-shard sample counts come from a manifest: given explicitly, or the
+manifest.json next to the shards (for `pipe:` the last argument of the command is the shard's
+location). Everything here fails at start with one line naming the source: a pattern that
+matches nothing, a shard missing from the manifest, a local or fsspec shard that does not exist.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import zlib
+from dataclasses import dataclass
+
+import braceexpand
+
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file, shard or key."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    num_samples: int
+    num_tokens: int = 0             # 0 = not known (packing needs it)
+
+
+def is_url(s: str) -> bool:
+    return s.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s) is not None
+
+
+def _location(url: str) -> str:
+    """Where a shard lives: the URL itself, or for `pipe:` the last argument of the command."""
+    if not url.startswith("pipe:"):
+        return url[len("file://"):] if url.startswith("file://") else url
+    args = url[5:].split()
+    return args[-1] if args else url
+
+
+def _dirname(loc: str) -> str:
+    return loc.rsplit("/", 1)[0] if "/" in loc else "."
+
+
+def _join(base: str, name: str) -> str:
+    return name if is_url(name) or os.path.isabs(name) else f"{base.rstrip('/')}/{name}"
+
+
+def expand(pattern: str) -> list[str]:
+    """'::'-separated brace patterns -> URLs; a local pattern with * ? [ is globbed (sorted)."""
+    out = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part.strip()):
+            if not is_url(url) and any(c in url for c in "*?["):
+                out.extend(sorted(glob.glob(url)))
+            else:
+                out.append(url)
+    return out
+
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError:                                     # pragma: no cover - fsspec is a dependency
+        raise DataError("reading URLs needs fsspec (pip install fsspec)") from None
+    return fsspec
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole content of a small file (a manifest) at a local path, fsspec URL or `pipe:`."""
+    try:
+        if url.startswith("pipe:"):
+            return subprocess.run(url[5:], shell=True, check=True, capture_output=True).stdout
+        if not is_url(url) or url.startswith("file://"):
+            with open(_location(url), "rb") as f:
+                return f.read()
+        with _fsspec().open(url, "rb") as f:
+            return f.read()
+    except (OSError, subprocess.CalledProcessError, ImportError) as e:
+        raise DataError(f"cannot read {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_manifest_at(url: str) -> dict:
+    raw = read_bytes(url)
+    try:
+        man = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{url}: invalid manifest JSON ({e})") from None
+    if not isinstance(man, dict) or not isinstance(man.get("shards"), list):
+        raise DataError(f"{url}: manifest has no 'shards' list")
+    for i, s in enumerate(man["shards"]):
+        if not isinstance(s, dict) or "name" not in s or not isinstance(s.get("num_samples"), int):
+            raise DataError(f"{url}: manifest shard {i} needs 'name' and an integer 'num_samples'")
+    return man
+
+
+def _exists_all(urls: list[str]) -> None:
+    """Shards must exist: local ones each, fsspec ones by one listing per folder (http(s), which
+    cannot be listed, by the first shard). `pipe:` commands, and the rest, are checked when read."""
+    by_dir: dict[str, list[str]] = {}
+    for u in urls:
+        if u.startswith("pipe:"):
+            continue
+        if not is_url(u) or u.startswith("file://"):
+            if not os.path.isfile(_location(u)):
+                raise DataError(f"shard not found: {u}")
+            continue
+        by_dir.setdefault(_dirname(u), []).append(u)
+    for d, us in by_dir.items():
+        try:
+            fs, _, [path] = _fsspec().get_fs_token_paths(d)
+        except (ImportError, ValueError) as e:
+            raise DataError(f"cannot read {us[0]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        try:
+            if d.startswith(("http://", "https://")):
+                raise OSError("not listable")
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+            missing = [u for u in us if u.rsplit("/", 1)[-1] not in names]
+        except OSError:
+            missing = [] if fs.exists(us[0]) else us[:1]
+        if missing:
+            raise DataError(f"shard not found: {missing[0]}")
+
+
+def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
+    """Source spec (see the module doc) -> its shards with their sample counts."""
+    if not spec:
+        raise DataError("no data source given")
+    local_dir = not is_url(spec) and os.path.isdir(spec)
+    if local_dir or spec.endswith(".json"):               # a prepared folder or a manifest: all its shards
+        manifest = manifest or (spec if spec.endswith(".json") else os.path.join(spec, MANIFEST))
+        if not is_url(manifest) and not os.path.isfile(manifest):
+            raise DataError(f"no {MANIFEST} for the data at {spec} (run `encdec prepare` first)")
+        man = load_manifest_at(manifest)
+        base = spec if local_dir else _dirname(_location(manifest))
+        urls = [_join(base, s["name"]) for s in man["shards"]]
+    else:                                                  # a pattern
+        urls = expand(spec)
+        local = [u for u in urls if not is_url(u)]
+        if not urls or (local and not any(os.path.isfile(u) for u in local)):
+            raise DataError(f"shard pattern matches nothing: {spec}")
+        manifest = manifest or _join(_dirname(_location(urls[0])), MANIFEST)
+        man = load_manifest_at(manifest)
+    entries = {os.path.basename(s["name"]): s for s in man["shards"]}
+    shards = []
+    for u in urls:
+        e = entries.get(os.path.basename(_location(u)))
+        if e is None:
+            raise DataError(f"shard {u} is not listed in the manifest {manifest}")
+        shards.append(Shard(u, int(e["num_samples"]), int(e.get("num_tokens", 0) or 0)))
+    _exists_all([s.url for s in shards])
+    if sum(s.num_samples for s in shards) == 0:
+        raise DataError(f"no samples in {spec}")
+    return shards
+
+
+# ----------------------------------------------------------------------------- reading tar shards
+
+class _Pipe:
+    """stdout of a shell command as a binary file; knows the command's exit status."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     bufsize=1 << 20)
+
+    def read(self, n: int) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def status(self) -> str:
+        while self.proc.stdout.read(1 << 16):          # the tar's end padding
+            pass
+        rc = self.proc.wait()
+        if rc == 0:
+            return ""
+        err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+        return f"command exited with status {rc}" + (f": {err[-1]}" if err else "")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+def open_stream(url: str):
+    if url.startswith("pipe:"):
+        return _Pipe(url[5:])
+    if not is_url(url) or url.startswith("file://"):
+        return open(_location(url), "rb", buffering=1 << 20)
+    return _fsspec().open(url, "rb").open()
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to its end (missing, truncated, corrupt header)."""
+
+
+_ZERO = bytes(512)
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")      # key = path up to the first dot of the file name
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):                   # base-256 (GNU) for big sizes
+        return int.from_bytes(field[1:], "big")
+    s = field.rstrip(b"\0 ").strip()
+    return int(s, 8) if s else 0
+
+
+def _members(f, want):
+    """(name, payload bytes) of the regular files in a tar stream; payloads `want(name)` rejects are skipped."""
+    longname = None
+    while True:
+        hdr = f.read(512)
+        if hdr == _ZERO:
+            return
+        if not hdr:
+            raise ShardError("the tar ends without its end-of-archive marker (truncated)")
+        if len(hdr) < 512:
+            raise ShardError("truncated tar header")
+        try:
+            chk = _octal(hdr[148:156])
+            size = _octal(hdr[124:136])
+        except ValueError:
+            raise ShardError("corrupt tar header") from None
+        # the checksum is the header's byte sum with its own field as spaces; adler32's low half is 1 + that sum
+        adler = zlib.adler32(hdr[156:], zlib.adler32(b" " * 8, zlib.adler32(hdr[:148])))
+        if chk % 65521 != ((adler & 0xFFFF) - 1) % 65521:
+            raise ShardError("corrupt tar header (bad checksum)")
+        kind, padded = hdr[156:157], size + (-size % 512)
+        if kind in (b"0", b"\0", b"7"):
+            name = longname
+            if name is None:
+                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                    name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+            longname = None
+            if want(name):
+                data = f.read(padded)
+                if len(data) < size:
+                    raise ShardError(f"truncated tar member {name}")
+                yield name, data[:size]
+            else:
+                _skip(f, padded)
+        elif kind in (b"L", b"x"):
+            data = f.read(padded)[:size]
+            if len(data) < size:
+                raise ShardError("truncated tar header")
+            if kind == b"L":
+                longname = data.rstrip(b"\0").decode("utf-8", "replace")
+            else:
+                m = re.search(rb"\d+ path=([^\n]*)\n", data)
+                longname = m.group(1).decode("utf-8", "replace") if m else None
+        else:
+            _skip(f, padded)
+
+
+def _skip(f, n: int):
+    if n and getattr(f, "seekable", lambda: False)():
+        f.seek(n, os.SEEK_CUR)
+    else:
+        while n > 0:
+            got = len(f.read(min(n, 1 << 20)))
+            if got == 0:
+                return
+            n -= got
+
+
+def iter_samples(url: str, skip: int = 0):
+    """(key, {ext: bytes}) of a tar shard in file order, from its `skip`-th sample on.
+
+    The payloads of skipped samples are not read (seeked past where the stream allows). Ends with
+    ShardError if the shard cannot be opened or ends inside a member; a shard that simply ends
+    early stops the iteration (the caller compares against the manifest's count).
+    """
+    state = {"key": None, "i": -1}
+
+    def want(name):
+        m = _KEY.match(name)
+        key = m.group(1) if m else name
+        if key != state["key"]:
+            state["key"], state["i"] = key, state["i"] + 1
+        return state["i"] >= skip
+
+    try:
+        f = open_stream(url)
+    except (OSError, ImportError, ValueError) as e:
+        raise ShardError(f"cannot open it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        key, sample = None, {}
+        for name, data in _members(f, want):
+            m = _KEY.match(name)
+            k, ext = (m.group(1), m.group(2).lower()) if m else (name, "")
+            if k != key and key is not None:
+                yield key, sample
+                sample = {}
+            key = k
+            sample[ext] = data
+        if key is not None:
+            yield key, sample
+    except ShardError as e:
+        if isinstance(f, _Pipe) and (msg := f.status()):
+            raise ShardError(f"{e}; {msg}") from None
+        raise
+    finally:
+        f.close()
