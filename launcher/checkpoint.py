@@ -16,7 +16,9 @@ A save killed at any point leaves `latest` on the previous complete checkpoint.
 
 Resume: on the layout the checkpoint was written with (world size, tp, ZeRO stage), DeepSpeed's
 own loader restores everything and training continues bitwise as if never stopped. On any other
-layout, launcher/reshard.py loads the whole tensors (weights and Adam state) into the new engine.
+layout, launcher/reshard.py loads the whole tensors (weights and Adam state) into the new engine
+(ENCDEC_RESHARD=always forces that path on the same layout too; the tests use it). Every file is
+checked against its recorded size and sha256 first, and every file is loaded with weights_only.
 """
 from __future__ import annotations
 
@@ -358,6 +360,8 @@ def maybe_resume(trainer) -> None:
         _check_tokenizer(tag_dir, state, trainer.tokenizer_path)
     except CheckpointError as e:
         err = str(e)
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait in _all_ok
+        err = f"checkpoint {tag_dir}: {type(e).__name__}: {e}"
     _all_ok(err)
     same = (state["format"] == "deepspeed" and state.get("layout") == layout_of(trainer)
             and state["config"]["model"].get("vocab_size") == trainer.cfg.model.vocab_size

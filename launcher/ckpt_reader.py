@@ -98,7 +98,8 @@ class _Zero0:
             ids = [i for g in opt["param_groups"] for i in g["params"]]
             names = [n for g in group_names for n in g]
             if len(ids) != len(names):
-                raise CheckpointError(f"{tag_dir}: optimizer has {len(ids)} parameters, trainer state names {len(names)}")
+                raise CheckpointError(f"{tag_dir}: the optimizer has {len(ids)} parameters, "
+                                      f"trainer_state.json names {len(names)}")
             self.index = dict(zip(names, ids))
 
     def shapes(self) -> dict:

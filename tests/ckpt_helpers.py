@@ -1,4 +1,4 @@
-"""Helpers for the checkpoint tests: tiny prepared data, and real Trainers in real process groups.
+"""Helpers for the checkpoint tests: real Trainers (tests/conftest.py's tiny data) in real process groups.
 
 Ranks are forked with torch.multiprocessing (gloo on CPU); each rank can build several Trainers
 one after the other in the same process group (a straight run, a stopped run, a resumed run), so
@@ -12,14 +12,8 @@ import signal
 import socket
 import traceback
 
-
 import torch
 import torch.multiprocessing as mp
-
-# Forked ranks inherit what the test process imported: deepspeed, and torch._dynamo (which the first
-# torch optimizer imports, seconds of work) are loaded once here instead of in every rank.
-import launcher.trainer  # noqa: E402,F401
-torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "test-tiny.yaml")
@@ -29,7 +23,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 
 
@@ -91,15 +84,23 @@ def _entry(rank: int, world: int, port: int, fn, args, out_file: str) -> None:
         raise SystemExit(1)
 
 
+def _warm() -> None:
+    """Forked ranks inherit what the test process imported: deepspeed, and torch._dynamo (which the
+    first torch optimizer imports, seconds of work) are loaded once here instead of in every rank."""
+    import launcher.trainer  # noqa: F401
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
 def run_ranks_killed(world: int, fn, *args, env: dict, tmp: str, wait_s: float = 60.0) -> list:
     """Runs fn on `world` forked ranks with `env` set (e.g. ENCDEC_CKPT_KILL) where some rank is
     expected to die; ranks still alive wait_s seconds after the first death are killed too, as a
     job scheduler would. Returns the exit codes."""
     import time
+    _warm()
     os.environ.update(env)
     try:
-        ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, os.path.join(tmp, "killed")), nprocs=world,
-                                 join=False, start_method="fork")
+        ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, os.path.join(tmp, "killed")),
+                                 nprocs=world, join=False, start_method="fork")
     finally:
         for k in env:
             os.environ.pop(k, None)
@@ -117,6 +118,7 @@ def run_ranks_killed(world: int, fn, *args, env: dict, tmp: str, wait_s: float =
 
 def run_ranks(world: int, fn, *args, tmp: str):
     """Runs fn(*args) on `world` forked ranks; returns rank 0's result or raises with the first error."""
+    _warm()
     out = os.path.join(tmp, f"result-{os.getpid()}-{_free_port()}")
     ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, out), nprocs=world, join=False,
                              start_method="fork")

@@ -85,7 +85,8 @@ def test_tp2_same_layout_reshard_is_exact(tiny_pairs, tmp_path):
 
 def _two_steps(data, base, stages):
     for z in stages:
-        train(data, os.path.join(base, f"z{z}"), f"parallel.zero_stage={z}", "train.steps=2", "train.micro_batch_size=2")
+        train(data, os.path.join(base, f"z{z}"), f"parallel.zero_stage={z}", "train.steps=2",
+              "train.micro_batch_size=2")
 
 
 @pytest.mark.slow
