@@ -1,4 +1,4 @@
-"""`encdec` command: prepare | train | convert | generate | plot.
+"""`encdec` command: prepare | train | convert | import | generate | plot.
 
 Every expected failure (bad config, missing or bad input, bad checkpoint) ends with one line
 `encdec: error: ...` naming the file/key/value, and exit status 2.
@@ -41,9 +41,14 @@ def _train(a) -> int:
 
 def _convert(a) -> int:
     from launcher.convert import convert
-    out = convert(a.checkpoint, a.out, overwrite=a.overwrite)
+    out = convert(a.checkpoint, a.out, overwrite=a.overwrite, verify=not a.no_verify)
     print(f"wrote {out}")
     return 0
+
+
+def _import(a) -> int:
+    from launcher.hf_import import main as hf_import
+    return hf_import([a.hf_dir, a.out] + (["--overwrite"] if a.overwrite else []))
 
 
 def _generate(a) -> int:
@@ -88,7 +93,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-verify", action="store_true", help="skip the sha256 check (sizes are always checked)")
     s.set_defaults(fn=_convert)
+
+    s = sub.add_parser("import", help="Hugging Face Pegasus/Marian folder -> a checkpoint to continue pretraining")
+    s.add_argument("hf_dir")
+    s.add_argument("out")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_import)
 
     s = sub.add_parser("generate", help="generate with a converted model through transformers")
     s.add_argument("model_dir")

@@ -115,6 +115,8 @@ def import_hf(hf_dir: str, out: str, overwrite: bool = False, progress: bool = T
     from tqdm import tqdm
     from launcher.checkpoint import file_digest
     from launcher.st_writer import StreamingSafetensorsWriter
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise CheckpointError(f"not a Hugging Face model folder (no config.json): {hf_dir}")
     state = hf_state(hf_dir)
     tok = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(tok):
