@@ -9,8 +9,10 @@ the result equals one process on the same global batch, whatever dp and accum ar
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
+import warnings
 from datetime import timedelta
 
 import deepspeed
@@ -55,6 +57,9 @@ class Trainer:
         self.dp_group = self.mpu.get_data_parallel_group() if self.mpu else None
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
         self.is_rank0 = env.rank == 0
+        if not self.is_rank0:                          # the console belongs to rank 0
+            logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+            warnings.filterwarnings("ignore")
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.is_rank0:
             save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
