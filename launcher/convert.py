@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
+from launcher.atomic import atomic_dir
 from launcher.checkpoint import LATEST, read_latest, verify_files
 from launcher.ckpt_reader import STATE_FILE, CheckpointError, CheckpointReader, read_state
 from launcher.config import config_from_dict
@@ -91,10 +91,7 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
     if not os.path.isfile(tok):
         raise CheckpointError(f"checkpoint {tag_dir} has no tokenizer.json")
     reader = CheckpointReader(tag_dir, state)
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(out) as tmp:
         from transformers import GenerationConfig
         from data.tokenizer import save_hf_tokenizer
         hcfg = hf_config(mc)
@@ -107,10 +104,4 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:
             json.dump({"checkpoint": tag_dir, "step": state["step"]}, f)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from launcher.atomic import atomic_dir
 from launcher.ckpt_reader import CheckpointError, CheckpointReader, load_pt
 from launcher.config import RunConfig, config_to_dict
 
@@ -124,10 +125,7 @@ def import_hf(hf_dir: str, out: str, overwrite: bool = False, progress: bool = T
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"output folder exists: {out} (pass --overwrite)")
     reader = CheckpointReader(hf_dir, state)
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(out) as tmp:
         specs = [(n, torch.float32, s) for n, s in reader.shapes.items()]
         with StreamingSafetensorsWriter(os.path.join(tmp, "model.safetensors"), specs, {"format": "pt"}) as w:
             for n in tqdm(reader.names(), desc="import", unit="tensor", disable=not progress, mininterval=0.5):
@@ -138,12 +136,6 @@ def import_hf(hf_dir: str, out: str, overwrite: bool = False, progress: bool = T
                      files={f: file_digest(os.path.join(tmp, f)) for f in ("model.safetensors", "tokenizer.json")})
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(saved, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return saved
 
 
