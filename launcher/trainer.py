@@ -117,7 +117,7 @@ class Trainer:
                                   self.dp_group)
         n_tgt = counts[0].item()
         scale = self.dp * self.accum / max(n_tgt, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # no host sync per micro-batch
         for i, b in enumerate(batches):
             b = self._to_device(b)
             with self._autocast():
@@ -129,7 +129,7 @@ class Trainer:
                 max_norm = self.cfg.optim.grad_clip or float("inf")
                 self._grad_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm, mpu=self.mpu))
             self.engine.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
         loss_sum = self._all_reduce(loss_sum, self.dp_group)
         return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item(),
                 "flops": counts[2].item(), "pad_frac": sum(b["pad_frac"] for b in batches) / len(batches)}
