@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) bench/data_throughput.py
 	$(PY) bench/tp_step.py
+	$(PY) bench/export_memory.py
 
 clean:
 	rm -rf runs/demo
