@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data.corpus import CorpusError, read_records
 from data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from launcher.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
 
@@ -45,10 +46,7 @@ def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer:
     if n_records == 0:
         raise CorpusError(f"empty corpus: no records in {', '.join(inputs)}")
 
-    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(out_dir) as tmp:
         tok_path = os.path.join(tmp, "tokenizer.json")
         if tokenizer:
             src_tok = tokenizer if tokenizer.endswith(".json") else os.path.join(tokenizer, "tokenizer.json")
@@ -64,16 +62,6 @@ def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer:
                         inputs=[os.path.abspath(p) for p in inputs], created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out_dir):
-            old = f"{out_dir.rstrip('/')}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -119,8 +119,30 @@ class _Zero0:
         return self.state[self.index[name]][key]
 
 
-class _Zero12:
+class _ZeroFiles:
+    """Per-dp-rank optimizer-state files of one TP rank, opened lazily (memory-mapped)."""
+    STATE = ""                                           # key of the base optimizer's state dict
+
+    def _osd(self, d: int) -> dict:
+        if d not in self._open:
+            self._open[d] = load_pt(self.files[d])["optimizer_state_dict"]
+        return self._open[d]
+
+    def shapes(self) -> dict:
+        return {n: s for n, (_, _, s) in self.where.items()}
+
+    def has_optimizer(self) -> bool:
+        return bool(self._osd(0)[self.STATE]["state"])
+
+    def step(self) -> int | None:
+        for s in self._osd(0)[self.STATE]["state"].values():
+            return int(s["step"])
+        return None
+
+
+class _Zero12(_ZeroFiles):
     """ZeRO 1/2: params laid back to back per group; dp rank d holds [d*P, (d+1)*P) of each group."""
+    STATE = "base_optimizer_state"
 
     def __init__(self, tag_dir: str, r: int, dp: int):
         self.files = [os.path.join(tag_dir, f"zero_pp_rank_{d}_mp_rank_{r:02d}_optim_states.pt") for d in range(dp)]
@@ -135,21 +157,6 @@ class _Zero12:
                 off += _numel(shape) + (pads[g][i] if pads else 0)
         self.part = [t.numel() for t in self._osd(0)["single_partition_of_fp32_groups"]]
 
-    def _osd(self, d: int) -> dict:
-        if d not in self._open:
-            self._open[d] = load_pt(self.files[d])["optimizer_state_dict"]
-        return self._open[d]
-
-    def shapes(self) -> dict:
-        return {n: s for n, (_, _, s) in self.where.items()}
-
-    def has_optimizer(self) -> bool:
-        return bool(self._osd(0)["base_optimizer_state"]["state"])
-
-    def step(self) -> int | None:
-        for s in self._osd(0)["base_optimizer_state"]["state"].values():
-            return int(s["step"])
-        return None
 
     def _flat(self, d: int, g: int, key: str) -> torch.Tensor:
         o = self._osd(d)
@@ -168,8 +175,9 @@ class _Zero12:
         return out.view(shape)
 
 
-class _Zero3:
+class _Zero3(_ZeroFiles):
     """ZeRO 3: every param split in dp slices of ceil(numel/dp) elements, back to back on each rank."""
+    STATE = "optimizer_state_dict"
 
     def __init__(self, tag_dir: str, r: int, dp: int):
         self.files = [os.path.join(tag_dir, f"zero_pp_rank_{d}_mp_rank_{r:02d}_optim_states.pt") for d in range(dp)]
@@ -184,21 +192,6 @@ class _Zero3:
         sizes = [t.numel() for t in self._osd(0)["fp32_flat_groups"]]
         self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
-    def _osd(self, d: int) -> dict:
-        if d not in self._open:
-            self._open[d] = load_pt(self.files[d])["optimizer_state_dict"]
-        return self._open[d]
-
-    def shapes(self) -> dict:
-        return {n: s for n, (_, _, s) in self.where.items()}
-
-    def has_optimizer(self) -> bool:
-        return bool(self._osd(0)["optimizer_state_dict"]["state"])
-
-    def step(self) -> int | None:
-        for s in self._osd(0)["optimizer_state_dict"]["state"].values():
-            return int(s["step"])
-        return None
 
     def _range(self, d: int, a: int, b: int, key: str) -> list[torch.Tensor]:
         o, out = self._osd(d), []
