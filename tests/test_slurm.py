@@ -155,6 +155,10 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(reference_job, s
     # a requeued job waits ~120 s (BeginTime) before it may start again: start it now
     wait_job(job, JOB_TIMEOUT, until=lambda i: int(i.get("Restarts", 0)) >= 1 and i["JobState"] == "PENDING"
              or i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"))
+    # slurmd refuses a credential created in the same second as the revoke of the previous run
+    # ("Job credential revoked": it compares whole seconds), which is what the BeginTime delay
+    # guards against; 2 s are enough for the emulated nodes
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=30)
     info = wait_job(job, JOB_TIMEOUT)
     log = read_text(log_path)
