@@ -19,6 +19,7 @@ from data.prepare import prepare
 from data.sources import iter_samples
 from data.stream import DataStream, StreamSpec, resolve_shards, steps_in_epoch
 from data.tokenizer import SENTINEL_BASE
+from tests.test_objectives import _reassemble
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which or be are this had "
          "not but one all were they their has been have who more two other after new first into").split()
@@ -216,17 +217,6 @@ def test_pack_block_fills_every_chunk():
     assert [k for k, _ in chunks][3:] == ["c@4", "a@1"] and (dropped, repeated) == (0, 5)
 
 
-def _unmask(src, labels):
-    spans, cur = {}, None
-    for t in labels[:-1]:
-        if SENTINEL_BASE <= t < SENTINEL_BASE + 100:
-            cur = t
-            spans[cur] = []
-        else:
-            spans[cur].append(t)
-    return [x for t in src[:-1] for x in (spans[t] if t in spans else [t])]
-
-
 def test_packed_examples_are_the_documents_laid_end_to_end(data):
     """Unshuffled, one stream, one global batch = the K examples of the first block: un-masked and
     laid end to end they are the block's 16 documents (without </s>) laid end to end, cut at
@@ -238,7 +228,7 @@ def test_packed_examples_are_the_documents_laid_end_to_end(data):
     expect = np.tile(flat, -(-K * spec.raw_len // len(flat)))[:K * spec.raw_len].tolist()
     b = next(iter(DataStream(spec, 0, 1, micro_batch=K)))
     assert b["pad_frac"] == 0.0 and b["src"].shape == (K, 48) and b["src_mask"].all()
-    got = [t for src, lab in zip(b["src"].tolist(), b["labels"].tolist()) for t in _unmask(src, lab)]
+    got = [t for src, lab in zip(b["src"].tolist(), b["labels"].tolist()) for t in _reassemble(src, lab)]
     assert got == expect
 
 
