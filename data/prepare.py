@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.corpus import CorpusError, read_records
 from data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
-from launcher.atomic import atomic_dir
+from common.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
 
@@ -94,14 +94,3 @@ def _batched(it, n):
     it = iter(it)
     while chunk := list(itertools.islice(it, n)):
         yield chunk
-
-
-def load_manifest(path: str) -> dict:
-    mpath = path if path.endswith(".json") else os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise FileNotFoundError(f"no {MANIFEST} for the data at {path} (run `encdec prepare` first)")
-    with open(mpath, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath}: invalid JSON ({e.msg})") from None

@@ -4,61 +4,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import closing
 from itertools import islice
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.objectives import span_target_length
-from data.packing import chunks_per_block, mean_doc_tokens, pack_block
+from data.packing import pack_block
 from data.records import BadSamples, decode
-from data.sources import DataError, Shard, ShardError, iter_samples
-
-if TYPE_CHECKING:
-    from data.mixture import Component
-    from data.stream import StreamSpec
+from data.sources import Shard, ShardError, iter_samples
+from data.spec import StreamSpec
 
 
 def seeded_rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
-
-
-class Geometry:
-    """Sizes of one dataset's epoch: L samples and P examples per stream, blocks of B samples -> K examples."""
-
-    def __init__(self, spec: StreamSpec, comp: Component):
-        V, self.B = spec.num_streams, spec.shuffle_block
-        self.N = sum(s.num_samples for s in comp.shards)
-        self.L = -(-self.N // V) if not spec.shuffle else self.N // V
-        if self.L == 0:
-            raise DataError(f"{self.N} samples in {comp.shards[0].url}... cannot fill data.num_streams={V} streams")
-        self.n_blocks = -(-self.L // self.B)
-        last = self.L - (self.n_blocks - 1) * self.B
-        self.packed = comp.objective == "span" and spec.pack
-        if self.packed:
-            mean = mean_doc_tokens(comp.shards)
-            if mean <= 0:
-                raise DataError(f"packing needs token counts in the manifest of {comp.shards[0].url} "
-                                "(or set data.pack=false)")
-            self.K = chunks_per_block(self.B, mean, spec.raw_len)
-            self.K_last = chunks_per_block(last, mean, spec.raw_len)
-        else:
-            self.K, self.K_last = self.B, last
-        self.P = (self.n_blocks - 1) * self.K + self.K_last
-        if comp.objective == "span":
-            need = span_target_length(spec.max_src_len, spec.noise_density, spec.mean_span_length)
-            if need > spec.max_tgt_len:
-                raise DataError(f"data.max_tgt_len={spec.max_tgt_len} is shorter than the span-corruption "
-                                f"target ({need} tokens for data.max_src_len={spec.max_src_len})")
-
-    def block_of(self, i: int) -> tuple[int, int]:
-        full = (self.n_blocks - 1) * self.K
-        return divmod(i, self.K) if i < full else (self.n_blocks - 1, i - full)
-
-    def block_size(self, b: int) -> tuple[int, int]:
-        """(samples, examples) of block b."""
-        if b < self.n_blocks - 1:
-            return self.B, self.K
-        return self.L - b * self.B, self.K_last
 
 
 def epoch_streams(shards: list[Shard], num_streams: int, L: int, seed: int, c: int, epoch: int, shuffle: bool):

@@ -38,17 +38,17 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from data.mixture import Component, Schedule
-from data.objectives import collate, placeholder, raw_length_for, span_corrupt, span_corrupt_rows
+from data.mixture import Schedule
+from data.objectives import collate, placeholder, span_corrupt, span_corrupt_rows
 from data.packing import bucket_assign
-from data.reader import Geometry, StreamReader, seeded_rng
+from data.reader import StreamReader, seeded_rng
 from data.records import BadSamples
 from data.sources import DataError, Shard, resolve_source
+from data.spec import StreamSpec
 
 __all__ = ["DataError", "DataStream", "Shard", "StreamSpec", "resolve_shards", "steps_in_epoch"]
 
@@ -78,44 +78,6 @@ class _KeyedRNG:
         st["buffer_pos"], st["has_uint32"], st["uinteger"] = 4, 0, 0
         self.bits.state = st
         return self.gen
-
-
-@dataclass
-class StreamSpec:
-    """What a reader needs; plain data so it pickles into loader workers.
-
-    A single dataset is given by shards + objective; a mixture by components (mixture.Component).
-    """
-    shards: list | None = None
-    objective: str = "pairs"
-    num_streams: int = 8
-    shuffle_block: int = 1024
-    seed: int = 0
-    global_batch: int = 64
-    max_src_len: int = 128
-    max_tgt_len: int = 128
-    noise_density: float = 0.15
-    mean_span_length: float = 3.0
-    n_sentinels: int = 100
-    shuffle: bool = True
-    pack: bool = True
-    bucket_window: int = 0
-    max_bad_samples: int = 100
-    components: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.components:
-            if not self.shards:
-                raise DataError("no shards given")
-            self.components = [Component("", list(self.shards), self.objective)]
-        if len(self.components) > 1 and self.global_batch % self.num_streams:
-            raise DataError(f"a mixture needs the global batch ({self.global_batch}) to be a multiple of "
-                            f"data.num_streams={self.num_streams}")
-        if len(self.components) > 1 and not self.shuffle:
-            raise DataError("validation data must be a single dataset, not a mixture")
-        self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
-        self.geometry = [Geometry(self, c) for c in self.components]
-        self.epoch_positions = self.num_streams * sum(g.P for g in self.geometry)
 
 
 class Layout:

@@ -6,7 +6,6 @@ Every expected failure (bad config, missing or bad input, bad checkpoint) ends w
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 

@@ -16,13 +16,12 @@ import os
 
 import torch
 
-from launcher.atomic import atomic_dir
+from common.atomic import atomic_dir
 from launcher.checkpoint import LATEST, read_latest, verify_files
 from launcher.ckpt_reader import STATE_FILE, CheckpointError, CheckpointReader, read_state
 from launcher.config import config_from_dict
 from launcher.st_writer import StreamingSafetensorsWriter
-from model.hf_adapter import hf_config, to_hf_key
-from model.transformer import sinusoid_table
+from model.hf_adapter import hf_class_name, hf_config, hf_fixed_tensors, hf_key_map
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
@@ -50,17 +49,13 @@ def consolidated_state_dict(root: str, tag: str, cfg=None) -> dict:
 
 def _hf_tensors(reader: CheckpointReader, mc):
     """(specs, iterator of (HF name, tensor)) for model.safetensors, one parameter at a time."""
-    specs = [(to_hf_key(n), torch.float32, s) for n, s in reader.shapes.items()]
-    extra = {"model.encoder.embed_positions.weight": sinusoid_table(mc.max_positions, mc.d_model)}
-    extra["model.decoder.embed_positions.weight"] = extra["model.encoder.embed_positions.weight"]
-    bias = torch.zeros(1, mc.vocab_size)
-    bias[0, (mc.real_vocab_size or mc.vocab_size):] = -1e9
-    extra["final_logits_bias"] = bias
+    keys, extra = hf_key_map(mc), hf_fixed_tensors(mc)
+    specs = [(keys[n], torch.float32, s) for n, s in reader.shapes.items()]
     specs += [(k, torch.float32, tuple(v.shape)) for k, v in extra.items()]
 
     def items():
         for n in reader.names():
-            yield to_hf_key(n), reader.get(n)
+            yield keys[n], reader.get(n)
         yield from extra.items()
     return specs, items()
 
@@ -95,7 +90,7 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
         from transformers import GenerationConfig
         from data.tokenizer import save_hf_tokenizer
         hcfg = hf_config(mc)
-        hcfg.architectures = [{"pre": "PegasusForConditionalGeneration", "post": "MarianMTModel"}[mc.norm]]
+        hcfg.architectures = [hf_class_name(mc)]
         hcfg.save_pretrained(tmp)
         GenerationConfig(decoder_start_token_id=mc.decoder_start_id, eos_token_id=mc.eos_id, pad_token_id=mc.pad_id,
                          bos_token_id=mc.decoder_start_id,

@@ -22,12 +22,9 @@ import sys
 
 import torch
 
-from launcher.atomic import atomic_dir
+from common.atomic import atomic_dir
 from launcher.ckpt_reader import CheckpointError, CheckpointReader, load_pt
 from launcher.config import RunConfig, config_to_dict
-
-_SKIP = ("final_logits_bias", "lm_head.weight")
-
 
 def _weights_index(hf_dir: str) -> dict[str, str]:
     """HF tensor name -> the file holding it (single or sharded safetensors, or a weights_only .bin)."""
@@ -71,7 +68,7 @@ def _real_vocab(bias: torch.Tensor, where: str) -> int:
 def hf_state(hf_dir: str) -> dict:
     """A trainer state (format "hf") describing the folder for launcher.ckpt_reader; validates it."""
     from transformers import AutoConfig
-    from model.hf_adapter import from_hf_state_dict, model_config_from_hf
+    from model.hf_adapter import HF_TIED, from_hf_state_dict, model_config_from_hf
     from model.transformer import sinusoid_table
     hf_dir = os.path.abspath(hf_dir)
     try:
@@ -93,13 +90,13 @@ def hf_state(hf_dir: str) -> dict:
     shared = _tensor(files, cache, "model.shared.weight") if "model.shared.weight" in files else None
     table = sinusoid_table(mc.max_positions, mc.d_model)
     for k in files:
-        if k in _SKIP[1:] or k.endswith("embed_tokens.weight"):
+        if k in HF_TIED:
             if shared is not None and not torch.equal(_tensor(files, cache, k), shared):
                 raise CheckpointError(f"{hf_dir}: {k} differs from model.shared.weight (untied embeddings)")
         if "embed_positions" in k and not torch.equal(_tensor(files, cache, k).float(), table):
             raise CheckpointError(f"{hf_dir}: {k} is not the sinusoid table of {mc.max_positions} x {mc.d_model}")
     try:
-        names = from_hf_state_dict({k: k for k in files})     # our name -> HF name (tied/fixed ones dropped)
+        names = from_hf_state_dict({k: k for k in files}, mc)     # our name -> HF name (tied/fixed ones dropped)
     except KeyError as e:
         raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
     weights = {ours: (files[k], k) for ours, k in names.items()}

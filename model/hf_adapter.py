@@ -6,11 +6,9 @@ Both scale embeddings by sqrt(d_model), tie input/output embeddings and add fina
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-from model.transformer import ModelConfig, sinusoid_table
+from model.transformer import ModelConfig, sinusoid_table, vocab_logits_bias
 
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 _ENC_BLOCK = {"self_attn": "self_attn", "attn_block.norm": "self_attn_layer_norm", "ffn.fc1": "fc1",
@@ -18,72 +16,70 @@ _ENC_BLOCK = {"self_attn": "self_attn", "attn_block.norm": "self_attn_layer_norm
 _DEC_BLOCK = {"self_attn": "self_attn", "cross_attn": "encoder_attn", "self_block.norm": "self_attn_layer_norm",
               "cross_block.norm": "encoder_attn_layer_norm", "ffn.fc1": "fc1", "ffn.fc2": "fc2",
               "ffn_block.norm": "final_layer_norm"}
-_LAYER = re.compile(r"^(encoder|decoder)\.(\d+)\.(.+)\.(weight|bias)$")
+# Hugging Face tensors that are not parameters of ours: fixed tables we recompute, tied copies.
+HF_FIXED = ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight", "final_logits_bias")
+HF_TIED = ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
 
 
 def hf_class_name(c: ModelConfig) -> str:
     return "PegasusForConditionalGeneration" if c.norm == "pre" else "MarianMTModel"
 
 
-def to_hf_key(key: str) -> str:
-    if key == "embed.weight":
-        return "model.shared.weight"
-    if key in ("encoder_norm.weight", "encoder_norm.bias", "decoder_norm.weight", "decoder_norm.bias"):
-        side, p = key.split("_norm.")
-        return f"model.{side}.layer_norm.{p}"
-    m = _LAYER.match(key)
-    if not m:
-        raise KeyError(f"no Hugging Face name for parameter '{key}'")
-    side, i, mod, p = m.groups()
-    table = _ENC_BLOCK if side == "encoder" else _DEC_BLOCK
-    for ours, theirs in table.items():
-        if mod == ours:
-            return f"model.{side}.layers.{i}.{theirs}.{p}"
-        if mod.startswith(ours + "."):
-            return f"model.{side}.layers.{i}.{theirs}.{_ATTN[mod[len(ours) + 1:]]}.{p}"
-    raise KeyError(f"no Hugging Face name for parameter '{key}'")
+def hf_key_map(c: ModelConfig) -> dict[str, str]:
+    """The explicit map: every parameter name of ours -> its Hugging Face tensor name.
+
+    Import uses the same table inverted (hf_to_ours), so the two directions cannot disagree.
+    """
+    keys = {"embed.weight": "model.shared.weight"}
+    for side, n_layers, block in (("encoder", c.n_encoder_layers, _ENC_BLOCK), ("decoder", c.n_decoder_layers, _DEC_BLOCK)):
+        for i in range(n_layers):
+            for ours, theirs in block.items():
+                subs = _ATTN.items() if ours.endswith("attn") else [("", "")]
+                for a, b in subs:
+                    for p in ("weight", "bias"):
+                        o = f"{ours}.{a}" if a else ours
+                        t = f"{theirs}.{b}" if b else theirs
+                        keys[f"{side}.{i}.{o}.{p}"] = f"model.{side}.layers.{i}.{t}.{p}"
+        if c.norm == "pre":
+            for p in ("weight", "bias"):
+                keys[f"{side}_norm.{p}"] = f"model.{side}.layer_norm.{p}"
+    return keys
+
+
+def hf_to_ours(c: ModelConfig) -> dict[str, str]:
+    """hf_key_map inverted: Hugging Face tensor name -> our parameter name."""
+    return {theirs: ours for ours, theirs in hf_key_map(c).items()}
+
+
+def hf_fixed_tensors(c: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors that are functions of the config: position tables and final_logits_bias."""
+    pos = sinusoid_table(c.max_positions, c.d_model)
+    return {"model.encoder.embed_positions.weight": pos, "model.decoder.embed_positions.weight": pos.clone(),
+            "final_logits_bias": vocab_logits_bias(c)[None]}
 
 
 def to_hf_state_dict(sd: dict, c: ModelConfig) -> dict:
-    """Our (unsharded) parameters -> HF tensors, plus the fixed buffers HF keeps in its state dict."""
-    out = {to_hf_key(k): v for k, v in sd.items()}
-    pos = sinusoid_table(c.max_positions, c.d_model)
-    out["model.encoder.embed_positions.weight"] = pos
-    out["model.decoder.embed_positions.weight"] = pos.clone()
-    bias = torch.zeros(1, c.vocab_size)
-    bias[0, (c.real_vocab_size or c.vocab_size):] = -1e9
-    out["final_logits_bias"] = bias
+    """Our (unsharded) parameters -> HF tensors, plus the fixed tensors HF keeps in its state dict."""
+    keys = hf_key_map(c)
+    out = {keys[k]: v for k, v in sd.items()}
+    out.update(hf_fixed_tensors(c))
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf: dict) -> dict:
-    """Inverse of to_hf_state_dict for the trainable parameters (buffers are recomputed)."""
-    inverse = {}
+def from_hf_state_dict(hf: dict, c: ModelConfig) -> dict:
+    """Inverse of to_hf_state_dict for the trainable parameters (fixed and tied tensors are dropped).
+
+    Raises KeyError naming a Hugging Face tensor this model has no place for.
+    """
+    names = hf_to_ours(c)
+    out = {}
     for k, v in hf.items():
-        if k in ("final_logits_bias", "lm_head.weight") or "embed_positions" in k or k.endswith("embed_tokens.weight"):
+        if k in HF_FIXED or k in HF_TIED:
             continue
-        inverse[_from_hf_key(k)] = v
-    return inverse
-
-
-def _from_hf_key(key: str) -> str:
-    if key == "model.shared.weight":
-        return "embed.weight"
-    m = re.match(r"^model\.(encoder|decoder)\.layer_norm\.(weight|bias)$", key)
-    if m:
-        return f"{m.group(1)}_norm.{m.group(2)}"
-    m = re.match(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
-    if not m:
-        raise KeyError(f"unexpected Hugging Face parameter '{key}'")
-    side, i, mod, p = m.groups()
-    table = _ENC_BLOCK if side == "encoder" else _DEC_BLOCK
-    for ours, theirs in table.items():
-        if mod == theirs:
-            return f"{side}.{i}.{ours}.{p}"
-        for a, b in _ATTN.items():
-            if mod == f"{theirs}.{b}":
-                return f"{side}.{i}.{ours}.{a}.{p}"
-    raise KeyError(f"unexpected Hugging Face parameter '{key}'")
+        if k not in names:
+            raise KeyError(f"unexpected Hugging Face parameter '{k}'")
+        out[names[k]] = v
+    return out
 
 
 def hf_config(c: ModelConfig, max_length: int = 256):

@@ -46,6 +46,14 @@ def padded_vocab(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+def vocab_logits_bias(c: "ModelConfig") -> torch.Tensor:
+    """(V,): 0 on the real vocabulary, -1e9 on the padded rows (never predicted); exported as
+    Hugging Face's final_logits_bias."""
+    bias = torch.zeros(c.vocab_size)
+    bias[(c.real_vocab_size or c.vocab_size):] = -1e9
+    return bias
+
+
 def sinusoid_table(n_pos: int, dim: int) -> torch.Tensor:
     """(n_pos, dim): sin of every frequency in the first half, cos in the second half.
 
@@ -171,9 +179,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)   # shared: source, target, output
         self.embed_scale = math.sqrt(c.d_model)
         self.register_buffer("positions", sinusoid_table(c.max_positions, c.d_model), persistent=False)
-        bias = torch.zeros(c.vocab_size)
-        bias[(c.real_vocab_size or c.vocab_size):] = -1e9           # padded rows never predicted
-        self.register_buffer("logits_bias", bias, persistent=False)
+        self.register_buffer("logits_bias", vocab_logits_bias(c), persistent=False)
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_decoder_layers))

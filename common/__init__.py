@@ -1,0 +1,1 @@
+"""Small pieces every layer uses: files written atomically (data prepare, checkpoints, exports)."""

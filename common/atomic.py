@@ -1,0 +1,76 @@
+"""Files and folders that never sit half-written under their final name.
+
+    atomic_write(path, text)   temp file in the same folder, fsync, rename, fsync the folder
+    atomic_dir(out)            a temporary folder beside `out`, renamed into place on success
+    file_digest(path)          {"size", "sha256"}: what checkpoints record and verify
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from contextlib import contextmanager
+
+
+def fsync_dir(path: str) -> None:
+    """Makes a rename inside `path` durable (best effort: some filesystems refuse a folder fsync)."""
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def file_digest(path: str) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+@contextmanager
+def atomic_dir(out: str):
+    """Yields a temporary folder beside `out`; on success it replaces `out` (an old `out` is moved
+    aside first and removed only after the new one is in place), on failure it is removed."""
+    out = out.rstrip("/")
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,90 @@
+"""What a data stream is: its settings (StreamSpec) and the sizes of each dataset's epoch (Geometry).
+
+Plain data, so a spec pickles into loader workers; data/reader.py reads one canonical stream of
+it and data/stream.py lays the streams out over ranks and workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data.mixture import Component
+from data.objectives import raw_length_for, span_target_length
+from data.packing import chunks_per_block, mean_doc_tokens
+from data.sources import DataError
+
+
+@dataclass
+class StreamSpec:
+    """What a reader needs; plain data so it pickles into loader workers.
+
+    A single dataset is given by shards + objective; a mixture by components (mixture.Component).
+    """
+    shards: list | None = None
+    objective: str = "pairs"
+    num_streams: int = 8
+    shuffle_block: int = 1024
+    seed: int = 0
+    global_batch: int = 64
+    max_src_len: int = 128
+    max_tgt_len: int = 128
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    n_sentinels: int = 100
+    shuffle: bool = True
+    pack: bool = True
+    bucket_window: int = 0
+    max_bad_samples: int = 100
+    components: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.components:
+            if not self.shards:
+                raise DataError("no shards given")
+            self.components = [Component("", list(self.shards), self.objective)]
+        if len(self.components) > 1 and self.global_batch % self.num_streams:
+            raise DataError(f"a mixture needs the global batch ({self.global_batch}) to be a multiple of "
+                            f"data.num_streams={self.num_streams}")
+        if len(self.components) > 1 and not self.shuffle:
+            raise DataError("validation data must be a single dataset, not a mixture")
+        self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
+        self.geometry = [Geometry(self, c) for c in self.components]
+        self.epoch_positions = self.num_streams * sum(g.P for g in self.geometry)
+
+
+class Geometry:
+    """Sizes of one dataset's epoch: L samples and P examples per stream, blocks of B samples -> K examples."""
+
+    def __init__(self, spec: StreamSpec, comp: Component):
+        V, self.B = spec.num_streams, spec.shuffle_block
+        self.N = sum(s.num_samples for s in comp.shards)
+        self.L = -(-self.N // V) if not spec.shuffle else self.N // V
+        if self.L == 0:
+            raise DataError(f"{self.N} samples in {comp.shards[0].url}... cannot fill data.num_streams={V} streams")
+        self.n_blocks = -(-self.L // self.B)
+        last = self.L - (self.n_blocks - 1) * self.B
+        self.packed = comp.objective == "span" and spec.pack
+        if self.packed:
+            mean = mean_doc_tokens(comp.shards)
+            if mean <= 0:
+                raise DataError(f"packing needs token counts in the manifest of {comp.shards[0].url} "
+                                "(or set data.pack=false)")
+            self.K = chunks_per_block(self.B, mean, spec.raw_len)
+            self.K_last = chunks_per_block(last, mean, spec.raw_len)
+        else:
+            self.K, self.K_last = self.B, last
+        self.P = (self.n_blocks - 1) * self.K + self.K_last
+        if comp.objective == "span":
+            need = span_target_length(spec.max_src_len, spec.noise_density, spec.mean_span_length)
+            if need > spec.max_tgt_len:
+                raise DataError(f"data.max_tgt_len={spec.max_tgt_len} is shorter than the span-corruption "
+                                f"target ({need} tokens for data.max_src_len={spec.max_src_len})")
+
+    def block_of(self, i: int) -> tuple[int, int]:
+        full = (self.n_blocks - 1) * self.K
+        return divmod(i, self.K) if i < full else (self.n_blocks - 1, i - full)
+
+    def block_size(self, b: int) -> tuple[int, int]:
+        """(samples, examples) of block b."""
+        if b < self.n_blocks - 1:
+            return self.B, self.K
+        return self.L - b * self.B, self.K_last
