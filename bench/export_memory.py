@@ -29,7 +29,7 @@ _MEASURE = r"""
 import json, os, resource, sys, threading, time
 sys.path.insert(0, {root!r})
 import torch, deepspeed, transformers  # noqa: F401  (the same imports in every variant)
-from launcher import convert as C
+from launcher.hf import export as C
 mode, ckpt, out = sys.argv[1:4]
 peak = {{"RssAnon": 0, "RssFile": 0}}
 def _sample():

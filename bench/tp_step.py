@@ -8,7 +8,7 @@ Each layout runs in fresh processes, one after the other (never both at once): T
 rank, TP=2 is two ranks of one tensor-parallel group (dp = 1 in both, so both see the same
 micro-batch every step and the same global batch). Each rank builds the unsharded model from
 the same seed, applies `parallelize`, and trains it through a real DeepSpeed engine (ZeRO
-stage --zero, AdamW from launcher.build) exactly as the trainer does: fp32 engine, bf16 from
+stage --zero, AdamW: launcher/training/engine.py's build_engine) exactly as the trainer does: fp32 engine, bf16 from
 torch.autocast, loss = summed token loss / target tokens. Backend: NCCL on GPUs, gloo on CPU.
 On CPU each rank runs --threads intra-op threads (default 1: a core per rank, the analogue of a
 GPU per rank); `--tp 1 --threads 2` gives the one TP=1 rank the whole 2-core machine instead.
@@ -32,26 +32,24 @@ import logging
 import math
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from deepspeed.runtime.utils import clip_grad_norm_  # noqa: E402
 
-from launcher.build import build_optimizer, ds_config  # noqa: E402
 from launcher.config import ConfigError, RunConfig, load_config  # noqa: E402
-from launcher.parallel import ParallelDims, check_model_for_tp, check_supported, parallelize  # noqa: E402
-from model.transformer import Transformer, count_parameters, padded_vocab  # noqa: E402
+from launcher.dist_env import free_port, read_env  # noqa: E402
+from launcher.parallel import ParallelDims, validate_layout  # noqa: E402
+from launcher.training.engine import build_engine, init_distributed  # noqa: E402
+from model.transformer import count_parameters, padded_vocab  # noqa: E402
 
 # The default model: transformer-base widths, 3+3 layers, seconds per step on 2 CPU cores.
 DEFAULT_OVERRIDES = [
@@ -105,15 +103,8 @@ def bench_config(args) -> tuple[RunConfig, list[int]]:
     cfg.model = dataclasses.replace(m, real_vocab_size=real, vocab_size=padded_vocab(max(m.vocab_size, real), mult))
     cfg.train.global_batch_size = cfg.train.micro_batch_size      # dp = 1: one micro-batch per step
     for tp in tps:
-        check_model_for_tp(cfg.model, tp)
-        check_supported(tp, cfg.parallel.zero_stage, "fp32")     # the engine is fp32; bf16 is autocast
+        validate_layout(cfg, tp, tp)                  # the trainer's one layout check, per layout
     return cfg, tps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -200,23 +191,12 @@ def _worker(rank: int, tp: int, port: int, cfg: RunConfig, opts: dict, queue) ->
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.set_num_threads(opts["threads"])
     rss_start = _rss_now()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank)
+    device = init_distributed(read_env(), cfg.train.collective_timeout_s)
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-        device, backend = f"cuda:{rank}", "nccl"
-    else:
-        device, backend = "cpu", "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s),
-                               rank=rank, world_size=tp, auto_mpi_discovery=False)
     mesh = ParallelDims.from_world(tp, tp).build(rank)
     torch.manual_seed(cfg.train.seed)
-    model = parallelize(Transformer(cfg.model), mesh).to(device)
-    if cfg.parallel.zero_stage == 3:       # the tied output projection uses embed.weight outside embed
-        deepspeed.zero.register_external_parameter(model, model.embed.weight)
-    optimizer, scheduler = build_optimizer(cfg, model, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           mpu=mesh.deepspeed_mpu(), config=ds_config(cfg, 1),
-                                           dist_init_required=False)
+    engine, _ = build_engine(cfg, mesh, device, accum=1)       # exactly the trainer's engine
     batches = [random_batch(cfg, seed, device) for seed in range(2)]
     autocast_dev = "cuda" if device.startswith("cuda") else "cpu"
     clip = cfg.optim.grad_clip if cfg.parallel.zero_stage == 0 else 0.0   # as the trainer: ZeRO clips itself

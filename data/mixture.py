@@ -137,8 +137,9 @@ def find_tokenizer(d) -> str:
                     "(give data.tokenizer, or run `encdec prepare` first)")
 
 
-def check_data(d) -> None:
-    """Resolves every configured source (shards exist, manifests readable): call before any process group."""
-    components_for(d, d.train, True)
-    if d.valid:
-        components_for(d, d.valid, False)
+def check_data(d) -> tuple[list[Component], list[Component] | None]:
+    """Resolves every configured source (shards exist, manifests readable) before any process group:
+    -> (training datasets, validation datasets or None)."""
+    train = components_for(d, d.train, True)
+    valid = components_for(d, d.valid, False) if d.valid else None
+    return train, valid

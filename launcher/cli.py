@@ -10,8 +10,12 @@ import subprocess
 import sys
 
 from data.corpus import CorpusError
-from launcher.checkpoint import CheckpointError
-from launcher.config import ConfigError
+from launcher.checkpoint.format import CheckpointError
+from launcher.config import ConfigError, load_config
+from launcher.signals import StopSignal
+
+# The subcommands import their modules when they run: deepspeed and transformers take seconds to
+# import, and `encdec --help` or a config error should not wait for them.
 
 
 def _prepare(a) -> int:
@@ -24,41 +28,45 @@ def _prepare(a) -> int:
 
 
 def _train(a) -> int:
-    from launcher.config import load_config, validate_layout
-    cfg = load_config(a.config, a.overrides)            # fail here, before any process starts
     if a.nproc and a.nproc > 1:
-        from data.mixture import check_data
-        validate_layout(cfg, a.nproc)
-        check_data(cfg.data)
+        # Fail here, before any process starts: the config, every input, the layout of N local ranks.
+        from launcher.parallel.dims import validate_layout
+        from launcher.training.inputs import resolve_inputs
+        cfg = load_config(a.config, a.overrides)
+        validate_layout(cfg, a.nproc, a.nproc)
+        resolve_inputs(cfg)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-               "-m", "launcher.train", a.config, *a.overrides]
+               "-m", "launcher.cli", "train", a.config, *a.overrides]
         return subprocess.call(cmd)
+    stop = StopSignal().install()                   # before the slow imports: a signal now is kept
+    cfg = load_config(a.config, a.overrides)
     from launcher.train import run
-    run(a.config, a.overrides)
+    run(cfg, stop)
     return 0
 
 
 def _convert(a) -> int:
-    from launcher.convert import convert
+    from launcher.hf.export import convert
     out = convert(a.checkpoint, a.out, overwrite=a.overwrite, verify=not a.no_verify)
     print(f"wrote {out}")
     return 0
 
 
 def _import(a) -> int:
-    from launcher.hf_import import main as hf_import
-    return hf_import([a.hf_dir, a.out] + (["--overwrite"] if a.overwrite else []))
+    from launcher.hf.importer import import_and_report
+    import_and_report(a.hf_dir, a.out, overwrite=a.overwrite)
+    return 0
 
 
 def _generate(a) -> int:
-    from launcher.hf_generate import generate
+    from launcher.hf.generate import generate
     for line in generate(a.model_dir, a.texts, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens):
         print(line)
     return 0
 
 
 def _plot(a) -> int:
-    from launcher.plot import plot
+    from launcher.monitor.plot import plot
     for p in plot(a.run_dir):
         print(p)
     return 0

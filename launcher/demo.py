@@ -13,7 +13,9 @@ import os
 import sys
 import time
 
+from data.synthetic import write_corpus
 from launcher.cli import main as cli
+from launcher.hf.generate import generate, load
 
 
 def _run(argv: list[str]) -> None:
@@ -34,7 +36,6 @@ def main(argv=None) -> int:
     t0 = time.time()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from data.synthetic import write_corpus
     corpus, shards = os.path.join(a.work, "corpus"), os.path.join(a.work, "shards")
     train_txt, held_txt = write_corpus(corpus, n_heldout=a.heldout)
     if not os.path.isfile(os.path.join(shards, "train", "manifest.json")):
@@ -49,7 +50,6 @@ def main(argv=None) -> int:
     hf_dir = os.path.join(a.work, "hf")
     _run(["convert", run_dir, hf_dir, "--overwrite"])
 
-    from launcher.hf_generate import generate, load
     with open(held_txt, encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f]
     srcs, refs = [p["src"] for p in pairs], [p["tgt"] for p in pairs]

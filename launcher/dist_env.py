@@ -8,7 +8,8 @@ Three launchers are understood, in this order:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,15 @@ def export_torch_env(d: DistEnv) -> None:
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr,
                       MASTER_PORT=str(d.master_port))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for one-process groups, tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def for_this_process(d: DistEnv) -> DistEnv:
+    """The environment to export: a single process gets a one-process group on a free local port."""
+    return replace(d, master_port=free_port()) if d.launcher == "single" else d

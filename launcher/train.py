@@ -1,39 +1,33 @@
-"""Entry point of one training rank: `python -m launcher.train CONFIG [key=value ...]`.
+"""Training entry of one rank: what a start does, in order, in one place.
 
-Started by `encdec train --nproc N` (torchrun on one machine), by torchrun directly, or by srun.
+Run by `encdec train` (one process, or each rank under torchrun / srun: `python -m launcher.cli train`).
+    1. layout    tp x dp, ZeRO stage, divisibility, TP groups inside a node: checked once,
+                 before any process group waits
+    2. inputs    sources, manifests, tokenizer and vocabulary resolved once (fills cfg.model; the
+                 vocabulary is padded to a multiple of tp)
+    3. trainer   process groups, DeepSpeed engine, data stream, monitor
+    4. resume    the run's latest checkpoint, a given one, or a Hugging Face folder (if any)
+    5. train
 """
 from __future__ import annotations
 
-import sys
-
-from data.mixture import check_data
-from launcher.config import load_config, validate_layout
-from launcher.dist_env import export_torch_env, read_env
+from launcher.config import RunConfig
+from launcher.dist_env import DistEnv, export_torch_env, for_this_process, read_env
+from launcher.parallel.dims import validate_layout
 from launcher.signals import StopSignal
+from launcher.training.inputs import resolve_inputs
+from launcher.training.trainer import Trainer
 
 
-def _single_process_env(env):
-    """A one-process group on a free local port."""
-    import dataclasses
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return dataclasses.replace(env, master_port=port)
+def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Trainer:
+    """Steps 1-4: a Trainer ready to train (resumed if there is something to resume from)."""
+    dims = validate_layout(cfg, env.world_size, env.local_world_size)
+    inputs = resolve_inputs(cfg)
+    export_torch_env(for_this_process(env))
+    trainer = Trainer(cfg, env, dims, inputs, stop=stop)
+    trainer.resume()
+    return trainer
 
 
-def run(config_path: str, overrides: list[str]) -> dict:
-    stop = StopSignal().install()                  # before the slow imports: a signal now is kept
-    cfg = load_config(config_path, overrides)
-    env = read_env()
-    validate_layout(cfg, env.world_size)          # before any process group waits
-    check_data(cfg.data)                           # every source resolves, or one clear error now
-    export_torch_env(env if env.launcher != "single" else _single_process_env(env))
-    from launcher.trainer import Trainer
-    trainer = Trainer(cfg, env, stop=stop)
-    return trainer.train()
-
-
-if __name__ == "__main__":
-    from launcher.cli import main
-    sys.exit(main(["train", *sys.argv[1:]]))
+def run(cfg: RunConfig, stop: StopSignal | None = None) -> dict:
+    return start(cfg, read_env(), stop).train()

@@ -10,17 +10,30 @@ from model.transformer import Transformer
 
 
 @torch.no_grad()
-def greedy(model: Transformer, src: torch.Tensor, src_mask: torch.Tensor, max_new_tokens: int = 64) -> torch.Tensor:
-    """src (B, S) -> (B, 1 + n) token ids starting with the decoder start token, as HF generate returns."""
+def greedy(model: Transformer, src: torch.Tensor, src_mask: torch.Tensor, max_new_tokens: int = 64,
+           forward=None, stop_early: bool = True) -> torch.Tensor:
+    """src (B, S) -> (B, 1 + n) token ids starting with the decoder start token, as HF generate returns.
+
+    forward(src, src_mask, tgt) -> logits replaces the model's own encode-once/decode steps (the
+    trainer's evaluation decodes through the DeepSpeed engine so ZeRO-3 gathers parameters);
+    stop_early=False runs all max_new_tokens steps (ranks decoding in lockstep).
+    """
     c = model.config
-    memory = model.encode(src, src_mask)
+    if forward is None:
+        memory = model.encode(src, src_mask)
+
+        def next_logits(out):
+            return model.logits(model.decode(out, memory, src_mask)[:, -1])
+    else:
+        def next_logits(out):
+            return forward(src, src_mask, out)[:, -1]
     out = torch.full((src.shape[0], 1), c.decoder_start_id, dtype=torch.long, device=src.device)
     done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
     for _ in range(max_new_tokens):
-        nxt = model.logits(model.decode(out, memory, src_mask)[:, -1]).argmax(-1)
+        nxt = next_logits(out).argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, c.pad_id), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
         done |= nxt == c.eos_id
-        if done.all():
+        if stop_early and done.all():
             break
     return out

@@ -9,21 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
+from launcher.dist_env import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "test-tiny.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 
 def make_cfg(data: str, out_dir: str, *overrides: str):
@@ -32,9 +26,19 @@ def make_cfg(data: str, out_dir: str, *overrides: str):
 
 
 def trainer(data: str, out_dir: str, *overrides: str):
+    """A Trainer built (and resumed) by the training entry, as `encdec train` does."""
     from launcher.dist_env import read_env
-    from launcher.trainer import Trainer
-    return Trainer(make_cfg(data, out_dir, *overrides), read_env())
+    from launcher.train import start
+    return start(make_cfg(data, out_dir, *overrides), read_env())
+
+
+def consolidated(path: str):
+    """(config, unsharded fp32 parameters) of a run folder, a checkpoints folder or a tag folder."""
+    from launcher.checkpoint.format import resolve_checkpoint
+    from launcher.checkpoint.reader import CheckpointReader
+    root, tag = resolve_checkpoint(str(path))
+    reader = CheckpointReader(os.path.join(root, tag))
+    return reader.cfg, {n: reader.get(n) for n in reader.names()}
 
 
 def train(data: str, out_dir: str, *overrides: str, stop_after: int | None = None):
@@ -87,7 +91,7 @@ def _entry(rank: int, world: int, port: int, fn, args, out_file: str) -> None:
 def _warm() -> None:
     """Forked ranks inherit what the test process imported: deepspeed, and torch._dynamo (which the
     first torch optimizer imports, seconds of work) are loaded once here instead of in every rank."""
-    import launcher.trainer  # noqa: F401
+    import launcher.train  # noqa: F401
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
 
 
@@ -99,7 +103,7 @@ def run_ranks_killed(world: int, fn, *args, env: dict, tmp: str, wait_s: float =
     _warm()
     os.environ.update(env)
     try:
-        ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, os.path.join(tmp, "killed")),
+        ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, os.path.join(tmp, "killed")),
                                  nprocs=world, join=False, start_method="fork")
     finally:
         for k in env:
@@ -119,8 +123,8 @@ def run_ranks_killed(world: int, fn, *args, env: dict, tmp: str, wait_s: float =
 def run_ranks(world: int, fn, *args, tmp: str):
     """Runs fn(*args) on `world` forked ranks; returns rank 0's result or raises with the first error."""
     _warm()
-    out = os.path.join(tmp, f"result-{os.getpid()}-{_free_port()}")
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, out), nprocs=world, join=False,
+    out = os.path.join(tmp, f"result-{os.getpid()}-{free_port()}")
+    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world, join=False,
                              start_method="fork")
     try:
         while not ctx.join(timeout=300):

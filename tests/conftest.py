@@ -1,6 +1,5 @@
 """Shared test fixtures. Multi-process tests use free ports picked at run time, never fixed ones."""
 import os
-import socket
 import sys
 
 import pytest
@@ -15,14 +14,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def port():
+    from launcher.dist_env import free_port
     return free_port()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ckpt_helpers import run_ranks, trainer, train
 
-from launcher.checkpoint import file_digest
+from common.atomic import file_digest
 from tests.conftest import run_cli
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -104,8 +104,8 @@ def test_bad_checkpoints_clear_errors(tiny_pairs, tmp_path, monkeypatch):
     r = run_cli(["convert", res["runs"]["flipped"], str(tmp_path / "hf")])
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("encdec: error: checkpoint file") and "sha256 differs" in r.stderr
-    from launcher.checkpoint import CheckpointError
-    from launcher.convert import convert
+    from launcher.checkpoint.format import CheckpointError
+    from launcher.hf.export import convert
     with pytest.raises(CheckpointError, match="pickles more than tensors"):
         convert(res["runs"]["evil"], str(tmp_path / "hf2"), progress=False)
     assert not mark.exists()

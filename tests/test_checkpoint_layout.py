@@ -1,7 +1,7 @@
 """Resume on another layout: a checkpoint of one (tp, dp, ZeRO stage) continues on another.
 
 A straight run on the source layout saves at step K and runs on to N. Each target layout resumes
-from the step-K checkpoint (loaded through launcher/reshard.py) and runs to N: its losses must
+from the step-K checkpoint (loaded through launcher/checkpoint/reshard.py) and runs to N: its losses must
 follow the straight run's within LOSS_RTOL (fp32; only the summation order of the reductions
 differs) and it must see exactly the same samples (same tokens seen at N, same data-stream
 position). Dropout is off so that the comparison isolates the checkpoint. Resharding onto the
@@ -21,7 +21,7 @@ COMMON = (f"train.steps={N}", "train.micro_batch_size=2", "model.dropout=0.0")
 def _run(data, out, overrides, env=None):
     os.environ.update(env or {})
     t = train(data, out, *COMMON, *overrides)
-    return {"losses": {s: r["loss"] for s, r in metrics(out).items()}, "tokens_seen": t.tokens_seen,
+    return {"losses": {s: r["loss"] for s, r in metrics(out).items()}, "tokens_seen": t.state.tokens_seen,
             "data": t.stream.state_dict(), "step": t.step}
 
 
@@ -95,7 +95,7 @@ def test_reader_agrees_with_deepspeed_universal_conversion(tiny_pairs, tmp_path)
     must give, per parameter, bitwise the fp32 weights and Adam moments that the reader assembles."""
     from argparse import Namespace
     from deepspeed.checkpoint import ds_to_universal
-    from launcher.ckpt_reader import CheckpointReader
+    from launcher.checkpoint.reader import CheckpointReader
     run_ranks(2, _two_steps, tiny_pairs["train"], str(tmp_path), [1, 3], tmp=str(tmp_path))
     for z in (1, 3):
         tag_dir = tmp_path / f"z{z}" / "checkpoints" / "step00000002"

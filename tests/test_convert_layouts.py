@@ -2,7 +2,7 @@
 
 Each layout trains 2 steps with real DeepSpeed engines; the *live* engine's logits on a fixed
 batch (gathered over the TP ranks) are the reference. The checkpoint is then converted offline
-in this process (launcher.convert) and loaded by stock transformers, whose logits must match.
+in this process (launcher.hf.export) and loaded by stock transformers, whose logits must match.
 """
 import os
 
@@ -47,7 +47,7 @@ def _train_and_logits(data, base, tp, stages, extra):
 
 def _check_export(run_dir: str, tmp: str) -> float:
     from transformers import AutoModelForSeq2SeqLM
-    from launcher.convert import convert
+    from launcher.hf.export import convert
     hf_dir = os.path.join(tmp, os.path.basename(run_dir) + "-hf")
     convert(run_dir, hf_dir, progress=False)
     live = torch.load(os.path.join(run_dir, "live_logits.pt"), weights_only=True)

@@ -121,9 +121,9 @@ def test_config_check_fails_before_any_process_group(shards_dir, tmp_path):
 
 
 def test_mixture_from_the_config(tmp_path):
-    """data.mixture through build_stream: prepared span + pairs data, the tokenizer found in the first."""
+    """data.mixture through the trainer's inputs: prepared span + pairs data, the tokenizer found in the first."""
     from data.prepare import prepare
-    from launcher.build import build_stream
+    from launcher.training.inputs import resolve_inputs
     (tmp_path / "t.txt").write_text("\n".join(f"line {i} " + "word " * (i % 17) for i in range(80)) + "\n")
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"src": f"a {i}", "tgt": f"b {i}"}) for i in range(80)))
     prepare([str(tmp_path / "t.txt")], str(tmp_path / "span"), objective="span", vocab_size=280, progress=False)
@@ -133,7 +133,7 @@ def test_mixture_from_the_config(tmp_path):
         f"data.mixture=[{{source: {tmp_path}/span, weight: 1, objective: span, name: text}}, "
         f"{{source: {tmp_path}/pairs, weight: 1, name: mt}}]"])
     check_data(cfg.data)
-    it = iter(build_stream(cfg, cfg.data.train, 0, 1, shuffle=True))
+    it = iter(resolve_inputs(cfg).stream(cfg, "train", 0, 1))
     keys = [k for _ in range(16) for k in next(it)["keys"]]
     assert {k.split("/")[0] for k in keys} == {"text", "mt"}
 

@@ -4,7 +4,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from launcher import flops
+from launcher.monitor import flops
 from model.transformer import ModelConfig, Transformer
 
 

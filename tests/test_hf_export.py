@@ -9,13 +9,11 @@ from tests.conftest import run_cli
 
 
 def _our_model(ckpt_dir):
-    from launcher.config import config_from_dict
-    from launcher.convert import consolidated_state_dict, load_trainer_state, resolve_checkpoint
+    from ckpt_helpers import consolidated
     from model.transformer import Transformer
-    root, tag = resolve_checkpoint(ckpt_dir)
-    cfg = config_from_dict(load_trainer_state(root, tag)["config"])
+    cfg, sd = consolidated(ckpt_dir)
     m = Transformer(cfg.model)
-    m.load_state_dict(consolidated_state_dict(root, tag, cfg))
+    m.load_state_dict(sd)
     return m.eval()
 
 

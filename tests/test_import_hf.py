@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
-from ckpt_helpers import make_cfg, metrics, run_ranks, trainer
+from ckpt_helpers import metrics, run_ranks, trainer
 
-from launcher.checkpoint import CheckpointError
+from launcher.checkpoint.format import CheckpointError
 
 VOCAB, REAL = 360, 359           # the tiny data's tokenizer has 359 tokens, padded to 360
 
@@ -61,8 +61,8 @@ def hf_folder(request, tiny_pairs, tmp_path_factory):
 
 def test_hf_encdec_hf_round_trip_is_bitwise(hf_folder, tmp_path):
     from transformers import AutoConfig
-    from launcher.convert import convert
-    from launcher.hf_import import import_hf
+    from launcher.hf.export import convert
+    from launcher.hf.importer import import_hf
     norm, hf = hf_folder
     st = import_hf(hf, str(tmp_path / "ckpt"), progress=False)
     assert st["config"]["model"]["norm"] == norm and st["config"]["model"]["real_vocab_size"] == REAL
@@ -78,7 +78,7 @@ def test_hf_encdec_hf_round_trip_is_bitwise(hf_folder, tmp_path):
 def test_refuses_what_it_cannot_represent(hf_folder, tmp_path):
     import shutil
     from safetensors.torch import load_file, save_file
-    from launcher.hf_import import import_hf
+    from launcher.hf.importer import import_hf
     _, hf = hf_folder
     bad = tmp_path / "bad"
     shutil.copytree(hf, bad)
@@ -91,20 +91,16 @@ def test_refuses_what_it_cannot_represent(hf_folder, tmp_path):
 
 def _continue(data, base, hf, norm):
     """Start a real run from the HF folder; save at step 0 (before any update), then train 2 steps."""
-    from launcher import checkpoint as ckpt
-    from launcher.build import build_stream
     over = (f"model.norm={norm}", "parallel.zero_stage=2", "train.steps=2", "train.micro_batch_size=8",
             f"checkpoint.resume={hf}", "optim.lr=1e-3")
     t = trainer(data, os.path.join(base, "run"), *over)
     assert t.step == 0
-    ckpt.save(t)
-    cfg = make_cfg(data, os.path.join(base, "x"), *over)
-    cfg.model = t.cfg.model
-    first = next(iter(build_stream(cfg, data, 0, 1, shuffle=True)))   # the batch of step 1 (dp=1, accum 1)
+    t.save_checkpoint()
+    first = next(iter(t.inputs.stream(t.cfg, "train", 0, 1)))   # the batch of step 1 (dp=1, accum 1)
     torch.save(first, os.path.join(base, "first_batch.pt"))
     t.train()
     # the same from the folder imported as an encdec (layout-free) checkpoint
-    from launcher.hf_import import import_hf
+    from launcher.hf.importer import import_hf
     import_hf(hf, os.path.join(base, "imported"), progress=False)
     over = over[:-2] + (f"checkpoint.resume={os.path.join(base, 'imported')}", over[-1])
     trainer(data, os.path.join(base, "run2"), *over).train()
@@ -115,7 +111,7 @@ def _continue(data, base, hf, norm):
 
 def test_trainer_starts_from_hf_folder(hf_folder, tiny_pairs, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
-    from launcher.convert import convert
+    from launcher.hf.export import convert
     norm, hf = hf_folder
     res = run_ranks(1, _continue, tiny_pairs["train"], str(tmp_path), hf, norm, tmp=str(tmp_path))
     convert(str(tmp_path / "run" / "checkpoints" / "step00000000"), str(tmp_path / "step0"), progress=False)

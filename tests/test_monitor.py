@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from launcher import monitor as mon
+from launcher.monitor import metrics as mon
 from launcher.config import RunConfig
 
 FAKE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c"     # shaped like a wandb API key (40 hex)

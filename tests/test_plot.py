@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from launcher import plot as plot_mod
+from launcher.monitor import plot as plot_mod
 from launcher.config import RunConfig
-from launcher.monitor import Monitor
+from launcher.monitor.metrics import Monitor
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

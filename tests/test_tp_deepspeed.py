@@ -15,9 +15,9 @@ import torch
 from torch.testing import assert_close
 
 from launcher.config import ConfigError
-from launcher.parallel import ParallelDims, check_supported, gather_full_state_dict, parallelize, shard_dims
+from launcher.parallel import ParallelDims, check_supported, parallelize, shard_dims
 from model.transformer import ModelConfig, Transformer
-from parallel_utils import spawn
+from parallel_utils import gather_full_state_dict, spawn
 
 # ZeRO's optimizer check imports torch._inductor (~3 s); import it once here, before the ranks fork.
 import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: E402,F401

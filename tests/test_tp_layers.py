@@ -12,12 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from launcher.parallel import ParallelDims, gather_full_state_dict, merge_tp_state_dicts, parallelize, shard_dims
-from launcher.parallel.plan import split_state_dict
+from launcher.parallel import ParallelDims, parallelize, shard_dims
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                   vocab_parallel_cross_entropy)
 from model.transformer import ModelConfig, Transformer
-from parallel_utils import spawn
+from parallel_utils import gather_full_state_dict, merge_tp_state_dicts, spawn, split_state_dict
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 

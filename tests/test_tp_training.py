@@ -23,11 +23,8 @@ def _train(data, out, nproc, *extra):
 
 
 def _params(run_dir):
-    from launcher.config import config_from_dict
-    from launcher.convert import consolidated_state_dict, load_trainer_state, resolve_checkpoint
-    root, tag = resolve_checkpoint(str(run_dir))
-    cfg = config_from_dict(load_trainer_state(root, tag)["config"])
-    return consolidated_state_dict(root, tag, cfg)
+    from ckpt_helpers import consolidated
+    return consolidated(run_dir)[1]
 
 
 @pytest.fixture(scope="module")

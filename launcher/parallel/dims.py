@@ -7,6 +7,8 @@ groups are strided across the runs.
     world 8, tp 2:  TP groups [0,1] [2,3] [4,5] [6,7]     DP groups [0,2,4,6] [1,3,5,7]
     rank r:         tp_rank = r % tp                      dp_rank = r // tp
 
+validate_layout() is the one check of a layout, run once per start before any process group.
+
 With tp == 1 no group is created and nothing here issues a collective: the DP group is the
 default (world) group and `Mesh.deepspeed_mpu()` returns None, so DeepSpeed runs as plain DP.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from launcher.config import ConfigError
+from launcher.config import ConfigError, RunConfig
 from model.transformer import ModelConfig
 
 
@@ -180,3 +182,24 @@ def check_supported(tp: int, zero_stage: int, precision: str = "fp32") -> None:
     if tp > 1 and zero_stage == 0 and precision != "fp32":
         raise ConfigError(f"config key 'parallel.zero_stage': 0 with parallel.tp={tp} and train.precision={precision} "
                           f"computes a wrong gradient-clipping norm in DeepSpeed; use parallel.zero_stage >= 1")
+
+
+def validate_layout(cfg: RunConfig, world_size: int, ranks_per_node: int = 0) -> ParallelDims:
+    """The one check of the parallel layout, run once per start before any process group waits.
+
+    Degrees (tp divides the world; with ranks_per_node known, a TP group stays inside a node), the
+    TP x ZeRO x precision support matrix, the model dimensions TP splits (heads, d_ff, and the
+    vocabulary when the config sets it; from a tokenizer it is padded to a multiple of tp,
+    training/inputs.py), and the batch arithmetic
+    global_batch = micro_batch x accum x dp. Returns the degrees; raises ConfigError naming the key.
+    """
+    p, t = cfg.parallel, cfg.train
+    dims = ParallelDims.from_world(p.tp, world_size, ranks_per_node)
+    check_supported(p.tp, p.zero_stage, "fp32")          # DeepSpeed runs fp32; bf16 is torch.autocast
+    check_model_for_tp(cfg.model, p.tp)
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {t.global_batch_size} does not divide into "
+            f"micro_batch_size={t.micro_batch_size} x dp={dims.dp} (world {world_size} / tp {p.tp})")
+    return dims

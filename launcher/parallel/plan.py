@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from launcher.parallel.dims import Mesh, check_model_for_tp
+from launcher.parallel.dims import Mesh
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                                   VocabParallelEmbedding, copy_to_tp)
-from model.transformer import Attention, FeedForward, ModelConfig, Transformer
+from model.transformer import Attention, FeedForward, Transformer
 
 # (module class, child linear, partition dim of its weight, is its bias sharded)
 _PLAN = [
@@ -54,74 +52,6 @@ def shard_dims(model: nn.Module) -> dict[str, int]:
                 if bias_sharded:
                     dims[f"{prefix}{child}.bias"] = 0
     return dims
-
-
-def shard_dims_for_config(c: ModelConfig) -> dict[str, int]:
-    """shard_dims without allocating the model (built on the meta device)."""
-    with torch.device("meta"):
-        return shard_dims(Transformer(c))
-
-
-def merge_tp_state_dicts(shards: list[dict], dims: dict[str, int], check_replicated: bool = True) -> dict:
-    """Per-TP-rank state dicts (index = tp rank) -> the unsharded model's state dict.
-
-    Sharded tensors are concatenated along their dimension; replicated ones are taken from rank 0
-    and, with check_replicated, must be identical on every rank (they are kept in sync exactly).
-    """
-    if not shards:
-        raise ValueError("merge_tp_state_dicts: no shards given")
-    keys = list(shards[0])
-    for r, sd in enumerate(shards[1:], 1):
-        if list(sd) != keys:
-            missing = sorted(set(keys) ^ set(sd))
-            raise ValueError(f"merge_tp_state_dicts: tp rank {r} has different keys (differ: {missing[:5]})")
-    out = {}
-    for k in keys:
-        ts = [sd[k] for sd in shards]
-        if k in dims and len(shards) > 1:
-            out[k] = torch.cat([t.detach().cpu() for t in ts], dim=dims[k])
-        else:
-            out[k] = ts[0]
-            if check_replicated and isinstance(ts[0], torch.Tensor):
-                for r, t in enumerate(ts[1:], 1):
-                    if not torch.equal(t.cpu(), ts[0].cpu()):
-                        raise ValueError(f"merge_tp_state_dicts: replicated tensor '{k}' differs between "
-                                         f"tp rank 0 and tp rank {r}")
-    return out
-
-
-def split_state_dict(full: dict, dims: dict[str, int], tp_rank: int, tp: int) -> dict:
-    """The inverse of merge_tp_state_dicts: this TP rank's slice of an unsharded state dict."""
-    out = {}
-    for k, t in full.items():
-        if k in dims and tp > 1:
-            n = t.shape[dims[k]]
-            if n % tp:
-                raise ValueError(f"split_state_dict: '{k}' size {n} along dim {dims[k]} does not split over tp={tp}")
-            out[k] = t.narrow(dims[k], tp_rank * (n // tp), n // tp).clone()
-        else:
-            out[k] = t
-    return out
-
-
-def gather_full_state_dict(model: nn.Module, mesh: Mesh, tensors: dict | None = None) -> dict:
-    """All-gathers the TP shards of `tensors` (default: model.state_dict()) on every TP rank -> unsharded keys.
-
-    Works for any dict keyed like the state dict (e.g. parameter gradients). Collective over the TP group.
-    """
-    tensors = model.state_dict() if tensors is None else tensors
-    if mesh.tp == 1:
-        return dict(tensors)
-    dims = shard_dims(model)
-    out = {}
-    for k, t in tensors.items():
-        if k in dims:
-            parts = [torch.empty_like(t) for _ in range(mesh.tp)]
-            dist.all_gather(parts, t.detach().contiguous(), group=mesh.tp_group)
-            out[k] = torch.cat(parts, dim=dims[k])
-        else:
-            out[k] = t
-    return out
 
 
 # ----------------------------------------------------------------------------- applying the plan
@@ -189,8 +119,8 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 
 def parallelize(model: Transformer, mesh: Mesh, activation_checkpointing: bool = False) -> Transformer:
-    """Applies the TP plan (tp > 1) and optional activation checkpointing, in place; returns the model."""
-    check_model_for_tp(model.config, mesh.tp)
+    """Applies the TP plan (tp > 1) and optional activation checkpointing, in place; returns the model.
+    The layout was checked once, before any process group (dims.validate_layout)."""
     if mesh.tp > 1:
         _apply_tp(model, mesh.tp_group)
     if activation_checkpointing:

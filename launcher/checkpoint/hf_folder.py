@@ -1,30 +1,24 @@
-"""Start (or continue) pretraining from a Hugging Face model folder of the Pegasus or Marian class.
+"""A Hugging Face Pegasus or Marian folder read as a checkpoint to start from (format "hf").
 
-Two ways:
-  - `checkpoint.resume=HF_DIR` in a training config: the run starts from the folder's weights
-    (fresh optimizer, step 0, data from the start); the run's model settings must match the
-    folder's (the error lists the differences) and its tokenizer must have the same vocabulary.
-  - `python -m launcher.hf_import HF_DIR OUT`: writes an encdec checkpoint (layout-free format:
-    model.safetensors keyed by our parameter names, trainer_state.json, tokenizer.json), usable
-    as `checkpoint.resume=OUT` and by `encdec convert`; prints the model settings to train with.
-
-HF -> encdec -> HF is bitwise: the weights are renamed, never recomputed. What our model cannot
-represent is refused with a clear error: a trained final_logits_bias (ours is 0 on the real
-vocabulary and -1e9 on padding rows, which fixes real_vocab_size), untied output embeddings,
-position tables other than the sinusoids, unscaled embeddings.
+hf_state(HF_DIR) validates the folder and describes it for reader.CheckpointReader: our model
+config, and for every parameter of ours the file and tensor name holding it (the explicit key map
+of model/hf_adapter.py, inverted). What our model cannot represent is refused with one line: a
+trained final_logits_bias (ours is 0 on the real vocabulary and -1e9 on padding rows, which fixes
+real_vocab_size), untied output embeddings, position tables other than the sinusoids, unscaled
+embeddings.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 
 import torch
 
-from common.atomic import atomic_dir
-from launcher.ckpt_reader import CheckpointError, CheckpointReader, load_pt
+from launcher.checkpoint.format import CheckpointError, load_pt
 from launcher.config import RunConfig, config_to_dict
+from model.hf_adapter import HF_TIED, from_hf_state_dict, model_config_from_hf
+from model.transformer import sinusoid_table
+
 
 def _weights_index(hf_dir: str) -> dict[str, str]:
     """HF tensor name -> the file holding it (single or sharded safetensors, or a weights_only .bin)."""
@@ -66,10 +60,8 @@ def _real_vocab(bias: torch.Tensor, where: str) -> int:
 
 
 def hf_state(hf_dir: str) -> dict:
-    """A trainer state (format "hf") describing the folder for launcher.ckpt_reader; validates it."""
-    from transformers import AutoConfig
-    from model.hf_adapter import HF_TIED, from_hf_state_dict, model_config_from_hf
-    from model.transformer import sinusoid_table
+    """A trainer state (format "hf") describing the folder for reader.CheckpointReader; validates it."""
+    from transformers import AutoConfig          # deferred: transformers takes seconds to import
     hf_dir = os.path.abspath(hf_dir)
     try:
         hcfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
@@ -106,53 +98,3 @@ def hf_state(hf_dir: str) -> dict:
     cfg.data.max_tgt_len = min(cfg.data.max_tgt_len, mc.max_positions - 1)
     return {"format": "hf", "step": 0, "tokens_seen": 0, "data": None, "layout": None,
             "config": config_to_dict(cfg), "weights": weights, "source": hf_dir}
-
-
-def import_hf(hf_dir: str, out: str, overwrite: bool = False, progress: bool = True) -> dict:
-    """Writes the folder as an encdec checkpoint (layout-free) at OUT; returns its trainer state."""
-    from tqdm import tqdm
-    from launcher.checkpoint import file_digest
-    from launcher.st_writer import StreamingSafetensorsWriter
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise CheckpointError(f"not a Hugging Face model folder (no config.json): {hf_dir}")
-    state = hf_state(hf_dir)
-    tok = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.isfile(tok):
-        raise CheckpointError(f"{hf_dir}: no tokenizer.json (a fast tokenizer is needed to train on)")
-    if os.path.exists(out) and not overwrite:
-        raise CheckpointError(f"output folder exists: {out} (pass --overwrite)")
-    reader = CheckpointReader(hf_dir, state)
-    with atomic_dir(out) as tmp:
-        specs = [(n, torch.float32, s) for n, s in reader.shapes.items()]
-        with StreamingSafetensorsWriter(os.path.join(tmp, "model.safetensors"), specs, {"format": "pt"}) as w:
-            for n in tqdm(reader.names(), desc="import", unit="tensor", disable=not progress, mininterval=0.5):
-                w.write(n, reader.get(n))
-        shutil.copyfile(tok, os.path.join(tmp, "tokenizer.json"))
-        saved = {k: v for k, v in state.items() if k not in ("weights",)}
-        saved.update(format="layout-free", format_version=1,
-                     files={f: file_digest(os.path.join(tmp, f)) for f in ("model.safetensors", "tokenizer.json")})
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump(saved, f, indent=1)
-    return saved
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import yaml
-    p = argparse.ArgumentParser(prog="python -m launcher.hf_import", description=__doc__.splitlines()[0])
-    p.add_argument("hf_dir")
-    p.add_argument("out")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        st = import_hf(a.hf_dir, a.out, overwrite=a.overwrite)
-    except CheckpointError as e:
-        print(f"encdec: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.out}; train from it with checkpoint.resume={a.out} and these model settings:")
-    print(yaml.safe_dump({"model": st["config"]["model"]}, sort_keys=False), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,6 +6,13 @@ Batch arithmetic, per optimizer step:
 Every rank fetches its `accum` micro-batches first and the token count is summed over the
 data-parallel group, so each micro-batch's backward carries exactly its share of that loss:
 the result equals one process on the same global batch, whatever dp and accum are.
+
+The trainer owns named stateful parts, which checkpoints save and restore (launcher/checkpoint/):
+    engine     DeepSpeed engine: model, optimizer (ZeRO-partitioned), gradients
+    scheduler  the LR schedule
+    stream     the data stream (its position: {"epoch", "cursor"})
+    state      TrainState: step, tokens seen
+Building a Trainer never resumes: the training entry (launcher/train.py) calls resume() once.
 """
 from __future__ import annotations
 
@@ -13,48 +20,48 @@ import logging
 import os
 import time
 import warnings
-from datetime import timedelta
+from dataclasses import dataclass
 
-import deepspeed
-from deepspeed.runtime.utils import clip_grad_norm_
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.utils import clip_grad_norm_
 
-from data.stream import DataStream
-from launcher import checkpoint as ckpt
-from launcher.build import build_model, build_optimizer, build_stream, ds_config
-from launcher.config import RunConfig, save_config, validate_layout
+from launcher.checkpoint.manager import CheckpointManager
+from launcher.config import RunConfig, save_config
 from launcher.dist_env import DistEnv
-from launcher import flops
-from launcher.monitor import Monitor
-from launcher.parallel.plan import parallelize
+from launcher.monitor import flops
+from launcher.monitor.metrics import Monitor
+from launcher.parallel.dims import ParallelDims
 from launcher.signals import StopSignal
+from launcher.training.engine import all_reduce, autocast, build_engine, init_distributed, to_device
+from launcher.training.evaluate import evaluate
+from launcher.training.inputs import Inputs
 from model.transformer import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
 
 
-def init_distributed(env: DistEnv, timeout_s: int) -> str:
-    """Process group over all ranks: NCCL on GPUs, gloo on CPU. Returns the device string."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        device, backend = f"cuda:{env.local_rank}", "nccl"
-    else:
-        device, backend = "cpu", "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                                   rank=env.rank, world_size=env.world_size, auto_mpi_discovery=False)
-    return device
+@dataclass
+class TrainState:
+    """The loop's own counters (saved at the top level of trainer_state.json)."""
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.tokens_seen = int(d["step"]), int(d.get("tokens_seen", 0))
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: RunConfig, env: DistEnv, dims: ParallelDims, inputs: Inputs,
+                 stop: StopSignal | None = None):
+        self.cfg, self.env, self.inputs = cfg, env, inputs
         self.device = init_distributed(env, cfg.train.collective_timeout_s)
-        self.dp = validate_layout(cfg, env.world_size)
-        self.mesh, self.mpu = build_parallel(cfg, env)
-        self.dp_rank = self.mpu.get_data_parallel_rank() if self.mpu else env.rank
-        self.dp_group = self.mpu.get_data_parallel_group() if self.mpu else None
+        self.mesh = dims.build(env.rank)
+        self.mpu = self.mesh.deepspeed_mpu()          # None at tp=1 (plain data parallelism)
+        self.dp, self.dp_rank, self.dp_group = dims.dp, self.mesh.dp_rank, self.mesh.dp_group
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
         self.is_rank0 = env.rank == 0
         if not self.is_rank0:                          # the console belongs to rank 0
@@ -62,75 +69,70 @@ class Trainer:
             warnings.filterwarnings("ignore")
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.is_rank0:
-            save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+            save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))    # complete: vocabulary filled in
             stale = os.path.join(cfg.out_dir, STOP_FILE)
             if os.path.exists(stale):
                 os.remove(stale)
 
         torch.manual_seed(cfg.train.seed)
-        model, self.tokenizer_path = build_model(cfg)
-        model = parallelize(model, self.mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
-        model.to(self.device)
-        if cfg.parallel.zero_stage == 3:
-            # the output projection is tied to the embedding and used outside embed's forward
-            deepspeed.zero.register_external_parameter(model, model.embed.weight)
-        optimizer, scheduler = build_optimizer(cfg, model, self.device)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=self.mpu,
-            config=ds_config(cfg, self.accum), dist_init_required=False)
-        self.stream: DataStream = build_stream(cfg, cfg.data.train, self.dp_rank, self.dp, shuffle=True)
-        self.step, self.tokens_seen = 0, 0
+        self.engine, self.scheduler = build_engine(cfg, self.mesh, self.device, self.accum)
+        self.stream = inputs.stream(cfg, "train", self.dp_rank, self.dp)
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(cfg, env, self.mesh, inputs.tokenizer_path)
         self.monitor = Monitor(cfg, cfg.out_dir, self.is_rank0, extra_config={
             "world_size": env.world_size, "dp": self.dp, "tp": cfg.parallel.tp, "accum": self.accum,
             "n_params": count_parameters(cfg.model)})
         self.peak_flops = flops.peak_flops(self.device, cfg.train.precision)
         self.stop = stop or StopSignal().install()
         self._grad_norm = 0.0
-        ckpt.maybe_resume(self)
 
-    # ------------------------------------------------------------------ helpers
-    def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        t = t.to(self.device)
-        dist.all_reduce(t, op=op, group=group)
-        return t
+    @property
+    def step(self) -> int:
+        return self.state.step
 
+    # ------------------------------------------------------------------ checkpoints
+    def stateful(self) -> dict:
+        """The parts a checkpoint holds, by name."""
+        return {"engine": self.engine, "scheduler": self.scheduler, "data": self.stream, "train": self.state}
+
+    def resume(self) -> str | None:
+        """Continues from checkpoint.resume (the run's latest, a tag, or a Hugging Face folder), if any."""
+        return self.checkpoints.resume(**self.stateful())
+
+    def save_checkpoint(self) -> str:
+        return self.checkpoints.save(**self.stateful())
+
+    # ------------------------------------------------------------------ one step
     def _stop_agreed(self) -> bool:
         """All ranks agree to stop at the same step if any rank got SIGUSR1/SIGTERM."""
         flag = torch.tensor([1.0 if self.stop.requested else 0.0])
-        return bool(self._all_reduce(flag, op=dist.ReduceOp.MAX).item() > 0)
+        return bool(all_reduce(flag, self.device, op=dist.ReduceOp.MAX).item() > 0)
 
-    def _autocast(self):
-        dev = "cuda" if self.device.startswith("cuda") else "cpu"
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
-
-    def _to_device(self, b):
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
-
-    # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step over `accum` micro-batches; returns the global mean loss and counts."""
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         local_src = sum(int(b["src_mask"].sum()) for b in batches)
         local_flops = sum(flops.train_flops(self.cfg.model, b["src"].shape[0], b["src"].shape[1], b["tgt_in"].shape[1],
                                             recompute=False) for b in batches)
-        counts = self._all_reduce(torch.tensor([local_tokens, local_src, local_flops], dtype=torch.float64),
-                                  self.dp_group)
+        counts = all_reduce(torch.tensor([local_tokens, local_src, local_flops], dtype=torch.float64),
+                            self.device, self.dp_group)
         n_tgt = counts[0].item()
         scale = self.dp * self.accum / max(n_tgt, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # no host sync per micro-batch
         for i, b in enumerate(batches):
-            b = self._to_device(b)
-            with self._autocast():
+            b = to_device(b, self.device)
+            with autocast(self.device, self.cfg.train.precision):
                 loss, _ = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
             self.engine.backward(loss * scale)
             if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
                 # Without ZeRO, DeepSpeed clips but does not report the norm: clip here, with the
                 # same TP-aware function (each sharded parameter counted once, replicated ones once).
                 max_norm = self.cfg.optim.grad_clip or float("inf")
-                self._grad_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm, mpu=self.mpu))
+                self._grad_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm,
+                                                        mpu=self.mpu))
             self.engine.step()
             loss_sum += loss.detach().double()
-        loss_sum = self._all_reduce(loss_sum, self.dp_group)
+        loss_sum = all_reduce(loss_sum, self.device, self.dp_group)
         return {"loss": loss_sum.item() / max(n_tgt, 1.0), "tgt_tokens": n_tgt, "src_tokens": counts[1].item(),
                 "flops": counts[2].item(), "pad_frac": sum(b["pad_frac"] for b in batches) / len(batches)}
 
@@ -139,26 +141,26 @@ class Trainer:
         it = iter(self.stream)
         last = {}
         t_last, data_wait, n_since, window = time.perf_counter(), 0.0, 0, {}
-        while self.step < total:
+        while self.state.step < total:
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(self.accum)]
             data_wait += time.perf_counter() - t0
-            _maybe_inject_fault(self.step, self.env.rank)
+            _maybe_inject_fault(self.state.step, self.env.rank)
             stats = self.train_step(batches)
-            self.step += 1
-            self.tokens_seen += int(stats["tgt_tokens"] + stats["src_tokens"])
+            self.state.step += 1
+            self.state.tokens_seen += int(stats["tgt_tokens"] + stats["src_tokens"])
             last = stats
             window = {k: window.get(k, 0.0) + v for k, v in stats.items()}
             n_since += 1
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 now = time.perf_counter()
-                self._log(stats, window, n_since, now - t_last, data_wait)
+                self._log(window, n_since, now - t_last, data_wait)
                 t_last, data_wait, n_since, window = now, 0.0, 0, {}
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and cfg.data.valid:
                 self.evaluate()
             stop = self._stop_agreed()
             if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == total:
-                ckpt.save(self)
+                self.save_checkpoint()
             if stop:
                 if self.is_rank0:
                     open(os.path.join(cfg.out_dir, STOP_FILE), "w").close()
@@ -175,7 +177,7 @@ class Trainer:
             return self._grad_norm
         return float(self.engine.get_global_grad_norm() or 0.0)
 
-    def _log(self, stats: dict, window: dict, n_steps: int, elapsed: float, data_wait: float) -> None:
+    def _log(self, window: dict, n_steps: int, elapsed: float, data_wait: float) -> None:
         """Metrics over the last n_steps steps (sums in `window`, rates over `elapsed` seconds)."""
         tokens = window["tgt_tokens"] + window["src_tokens"]
         step_time = elapsed / max(n_steps, 1)
@@ -185,7 +187,7 @@ class Trainer:
             "grad_norm": self.grad_norm(),
             "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / world,
             "samples_per_s": self.cfg.train.global_batch_size * n_steps / elapsed,
-            "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.tokens_seen,
+            "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.state.tokens_seen,
             "mfu": flops.mfu(window["flops"] / n_steps, step_time, self.peak_flops, world),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.startswith("cuda") else 0.0,
             "skipped_samples": self.stream.skipped,
@@ -195,16 +197,14 @@ class Trainer:
         self.monitor.log(self.step, metrics)
 
     def evaluate(self) -> dict:
-        from launcher.eval_loop import evaluate
-        return evaluate(self)
-
-
-def build_parallel(cfg: RunConfig, env: DistEnv):
-    """The process mesh (TP groups of consecutive ranks, strided DP groups) and DeepSpeed's mpu
-    (None at tp=1, where DeepSpeed's own data-parallel group is the whole world)."""
-    from launcher.parallel.dims import ParallelDims
-    mesh = ParallelDims.from_world(cfg.parallel.tp, env.world_size).build(env.rank)
-    return mesh, mesh.deepspeed_mpu()
+        """Validation loss/perplexity (and BLEU/chrF of greedy generations for pairs), logged."""
+        cfg = self.cfg
+        stream = self.inputs.stream(cfg, "valid", self.dp_rank, self.dp,
+                                    global_batch=cfg.train.micro_batch_size * self.dp)
+        res, rows = evaluate(self.engine, stream, cfg, self.mesh, self.device, self.inputs.tokenizer_path,
+                             is_rank0=self.is_rank0)
+        self.monitor.log_eval(self.step, res, table_rows=rows)
+        return res
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:

@@ -1,4 +1,4 @@
-"""`encdec plot RUN_DIR`: PNG curves from RUN_DIR/metrics.jsonl (schema: launcher/monitor.py).
+"""`encdec plot RUN_DIR`: PNG curves from RUN_DIR/metrics.jsonl (schema: launcher/monitor/metrics.py).
 
 Writes RUN_DIR/plots/loss.png (training and validation loss), throughput.png (tokens/s, and
 MFU when known) and lr.png, each only when its metrics exist. Figures are drawn with the Agg
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from launcher.monitor import METRICS_FILE
+from launcher.monitor.metrics import METRICS_FILE
 
 PLOTS_DIR = "plots"
 

@@ -4,8 +4,22 @@ import math
 import pytest
 import torch
 
-from launcher.evaluate_gen import greedy_generate, score
+from launcher.monitor.scores import score
+from model.generate import greedy
 from model.transformer import ModelConfig, Transformer
+
+
+def greedy_generate(model, src_ids, src_mask, max_len: int) -> list[list[int]]:
+    """model.generate.greedy in eval mode (the mode restored after): B lists of generated ids, without
+    the start token, cut after the first eos (kept)."""
+    c = model.config
+    was_training = model.training
+    model.eval()
+    try:
+        ys = greedy(model, src_ids, src_mask, max_new_tokens=max_len)
+    finally:
+        model.train(was_training)
+    return [row[:row.index(c.eos_id) + 1] if c.eos_id in row else row for row in ys[:, 1:].tolist()]
 
 
 def test_bleu_hand_computed():

@@ -1,14 +1,10 @@
-"""Generation quality during evaluation: greedy decoding of a few samples and corpus BLEU / chrF.
+"""Generation quality: corpus BLEU / chrF of decoded hypotheses against references.
 
 score() uses sacrebleu with its defaults (BLEU: 13a tokenisation, or sacrebleu's "zh" tokeniser
 when the references contain CJK characters; exponential smoothing; chrF: character 6-grams,
 beta 2), on detokenised text, one reference per hypothesis.
-greedy_generate() decodes with the plain model (no KV cache: each step re-runs the decoder on
-the prefix, which is fine for the handful of samples logged as an eval table).
 """
 from __future__ import annotations
-
-import torch
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -26,20 +22,3 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     cjk = any("\u4e00" <= ch <= "\u9fff" for r in refs for ch in r)
     return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh" if cjk else "13a").score),
             "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
-
-
-def greedy_generate(model, src_ids: torch.Tensor, src_mask: torch.Tensor, max_len: int) -> list[list[int]]:
-    """Greedy decoding (model.generate.greedy): (B, S) source -> B lists of generated ids, without the
-    start token, cut after the first eos (kept)."""
-    from model.generate import greedy
-    c = model.config
-    was_training = model.training
-    model.eval()
-    try:
-        ys = greedy(model, src_ids, src_mask, max_new_tokens=max_len)
-    finally:
-        model.train(was_training)
-    out = []
-    for row in ys[:, 1:].tolist():
-        out.append(row[:row.index(c.eos_id) + 1] if c.eos_id in row else row)
-    return out

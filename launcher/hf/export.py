@@ -4,8 +4,8 @@ OUT holds config.json, model.safetensors, generation_config.json and the tokeniz
 AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers.
 
 Offline, one process, bounded memory: the weights are read one parameter at a time from the
-checkpoint's files (memory-mapped, launcher/ckpt_reader.py: the optimizer state is never read)
-and streamed into model.safetensors (launcher/st_writer.py), so the process holds about one
+checkpoint's files (memory-mapped, launcher/checkpoint/reader.py: the optimizer state is never read)
+and streamed into model.safetensors (st_writer.py), so the process holds about one
 parameter beyond the mapped fp32 weight pages. Files are verified against the sizes and sha256
 recorded at save time first. Written under a temporary name and renamed when complete.
 """
@@ -15,36 +15,15 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 from common.atomic import atomic_dir
-from launcher.checkpoint import LATEST, read_latest, verify_files
-from launcher.ckpt_reader import STATE_FILE, CheckpointError, CheckpointReader, read_state
+from data.tokenizer import save_hf_tokenizer
+from launcher.checkpoint.format import CheckpointError, read_state, resolve_checkpoint, verify_files
+from launcher.checkpoint.reader import CheckpointReader
 from launcher.config import config_from_dict
-from launcher.st_writer import StreamingSafetensorsWriter
+from launcher.hf.st_writer import StreamingSafetensorsWriter
 from model.hf_adapter import hf_class_name, hf_config, hf_fixed_tensors, hf_key_map
-
-
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """A run folder, a checkpoints folder (with `latest`) or one checkpoint tag folder -> (root, tag)."""
-    path = os.path.abspath(path.rstrip("/"))
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    for root in (os.path.join(path, "checkpoints"), path):
-        if os.path.isfile(os.path.join(root, LATEST)):
-            return root, read_latest(root)
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return os.path.dirname(path), os.path.basename(path)
-    raise CheckpointError(f"not a checkpoint: {path} (no '{LATEST}' file or {STATE_FILE})")
-
-
-def load_trainer_state(root: str, tag: str) -> dict:
-    return read_state(os.path.join(root, tag))
-
-
-def consolidated_state_dict(root: str, tag: str, cfg=None) -> dict:
-    """The unsharded fp32 model parameters of a checkpoint, whatever its ZeRO stage and TP degree."""
-    reader = CheckpointReader(os.path.join(root, tag))
-    return {name: reader.get(name) for name in reader.names()}
 
 
 def _hf_tensors(reader: CheckpointReader, mc):
@@ -61,7 +40,6 @@ def _hf_tensors(reader: CheckpointReader, mc):
 
 
 def write_hf_weights(reader: CheckpointReader, path: str, progress: bool = True) -> None:
-    from tqdm import tqdm
     mc = reader.cfg.model
     specs, items = _hf_tensors(reader, mc)
     with StreamingSafetensorsWriter(path, specs, metadata={"format": "pt"}) as w:
@@ -87,8 +65,7 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
         raise CheckpointError(f"checkpoint {tag_dir} has no tokenizer.json")
     reader = CheckpointReader(tag_dir, state)
     with atomic_dir(out) as tmp:
-        from transformers import GenerationConfig
-        from data.tokenizer import save_hf_tokenizer
+        from transformers import GenerationConfig     # deferred: transformers takes seconds to import
         hcfg = hf_config(mc)
         hcfg.architectures = [hf_class_name(mc)]
         hcfg.save_pretrained(tmp)

@@ -11,7 +11,7 @@ to the same file), flushed after every line, written by rank 0 only.
                 tokens_per_s             target+source tokens (as the trainer counts them) per second, all ranks
                 tokens_per_s_per_device  tokens_per_s / number of devices
                 samples_per_s            samples per second, all ranks
-                mfu                      model FLOPs utilisation in [0, 1] (launcher/flops.py); null if no peak known
+                mfu                      model FLOPs utilisation in [0, 1] (flops.py); null if no peak known
                 step_time_s              mean wall time of one optimizer step in the window
                 data_wait_frac           fraction of that time spent waiting for the data loader
                 peak_mem_gb              peak accelerator memory of rank 0 (GiB); 0 on CPU
@@ -20,7 +20,7 @@ to the same file), flushed after every line, written by rank 0 only.
 
 Other numeric keys the trainer passes are written as they are. A resumed run re-logs the steps
 after its last checkpoint, so a step can appear twice for one kind: the last row wins (this is
-what launcher.plot.read_metrics does). Eval sample tables go to RUN_DIR/eval_samples.jsonl as
+what plot.read_metrics does). Eval sample tables go to RUN_DIR/eval_samples.jsonl as
 {"step": ..., "rows": [{column: value, ...}, ...]}.
 
 wandb: keys are "train/<key>" and "eval/<key>" against the x-axis "step" (a metric of its own,

@@ -19,64 +19,22 @@ A checkpoint tag folder (trainer_state.json names its "format"):
 Files are opened with torch.load(mmap=True, weights_only=True) (or safetensors' lazy reader): a
 tensor's pages are read only when it is copied out, so gathering the weights never reads the
 optimizer state and memory stays near one parameter plus the output.
-Tensor-parallel shards are joined along the dimension the TP plan split them (launcher.parallel).
+Tensor-parallel shards are joined along the dimension the TP plan split them (launcher/parallel/plan.py).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+from unittest import mock
 
 import torch
 
+from launcher.checkpoint.format import CheckpointError, load_pt, read_state
 from launcher.config import config_from_dict
+from launcher.parallel.plan import shard_dims
+from model.transformer import Transformer
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-STATE_FILE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A missing, incomplete, corrupt or incompatible checkpoint; the message names the file."""
-
-
-def _safe_globals() -> list:
-    """The few DeepSpeed classes its optimizer files pickle (beside tensors and plain data)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_pt(path: str, mmap: bool = True, map_location="cpu"):
-    """torch.load with weights_only=True (plus DeepSpeed's few plain classes); errors name the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - re-raised as one line naming the file
-        lines = [ln.strip() for ln in str(e).strip().splitlines()] or [type(e).__name__]
-        if lines[0].startswith("Weights only load failed"):
-            why = [ln for ln in lines if "GLOBAL" in ln] or lines[-1:]
-            raise CheckpointError(f"refusing to load checkpoint file {path}: it pickles more than tensors and "
-                                  f"plain data (weights_only load: {why[0].removeprefix('WeightsUnpickler error: ')})"
-                                  ) from None
-        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {lines[0]}") from None
-
-
-def read_state(tag_dir: str) -> dict:
-    p = os.path.join(tag_dir, STATE_FILE)
-    if not os.path.isfile(p):
-        raise CheckpointError(f"checkpoint {tag_dir} is incomplete: no {STATE_FILE}")
-    try:
-        with open(p, encoding="utf-8") as f:
-            st = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {p} is corrupt: {e}") from None
-    for k in ("format", "step", "config"):
-        if k not in st:
-            raise CheckpointError(f"checkpoint file {p} is corrupt: key '{k}' missing")
-    return st
 
 
 def _numel(shape) -> int:
@@ -315,7 +273,6 @@ class CheckpointReader:
             if self.tp == 1:
                 self._dims = {}
             else:
-                from launcher.parallel import shard_dims
                 self._dims = shard_dims(meta_model(self.cfg.model))
         return self._dims
 
@@ -340,8 +297,6 @@ class CheckpointReader:
 
 def meta_model(mc):
     """The unsharded model on the meta device (shapes only, no memory, no initialisation)."""
-    from unittest import mock
-    from model.transformer import Transformer
     # normal_ and arange on meta tensors go through torch's Python decompositions (a second of imports);
     # values do not matter here, so the initialisation and the position table are skipped
     with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *a, **k: t), \

@@ -18,18 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from launcher.ckpt_reader import CheckpointError, CheckpointReader
+from launcher.checkpoint.format import CheckpointError
+from launcher.checkpoint.reader import CheckpointReader
+from launcher.parallel.dims import Mesh
+from launcher.parallel.plan import shard_dims
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _tp(trainer) -> tuple[int, int, dict]:
-    """(tp degree, this rank's TP index, {param name: split dim})."""
-    tp = trainer.cfg.parallel.tp
-    if tp == 1:
-        return 1, 0, {}
-    from launcher.parallel import shard_dims
-    return tp, trainer.mesh.tp_rank, shard_dims(trainer.engine.module)
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -56,11 +50,12 @@ def _step_tensor(step: int, group: dict, device) -> torch.Tensor:
     return torch.tensor(float(step), dtype=torch.float32, device=device if on_device else "cpu")
 
 
-def load_into_engine(trainer, reader: CheckpointReader, load_optimizer: bool = True) -> None:
-    """Fills trainer.engine (any ZeRO stage, any TP) from reader; optimizer state too when it has one."""
-    engine, stage = trainer.engine, trainer.cfg.parallel.zero_stage
-    tp, tp_rank, dims = _tp(trainer)
-    vocab = trainer.cfg.model.vocab_size
+def load_into_engine(engine, scheduler, reader: CheckpointReader, cfg, mesh: Mesh,
+                     load_optimizer: bool = True) -> None:
+    """Fills the engine (any ZeRO stage, any TP) from reader; the optimizer state and the LR
+    schedule too when the checkpoint has them."""
+    stage, tp, vocab = cfg.parallel.zero_stage, cfg.parallel.tp, cfg.model.vocab_size
+    dims = shard_dims(engine.module) if tp > 1 else {}
     with_opt = load_optimizer and reader.has_optimizer()
     step = (reader.optimizer_step() or int(reader.state["step"])) if with_opt else 0
     params = dict(engine.module.named_parameters())
@@ -69,7 +64,7 @@ def load_into_engine(trainer, reader: CheckpointReader, load_optimizer: bool = T
         raise CheckpointError(f"checkpoint {reader.tag_dir} lacks parameters {missing[:5]}")
 
     def whole(name, key):
-        return _local(name, reader.get(name, key), tp, tp_rank, dims, vocab).to(_device(trainer))
+        return _local(name, reader.get(name, key), tp, mesh.tp_rank, dims, vocab).to(engine.device)
 
     with torch.no_grad():
         if stage == 0:
@@ -78,17 +73,13 @@ def load_into_engine(trainer, reader: CheckpointReader, load_optimizer: bool = T
             _load_zero12(engine.optimizer, params, whole, with_opt, step)
         else:
             _load_zero3(engine.optimizer, params, whole, with_opt, step)
-    if with_opt and reader.state.get("scheduler") and trainer.scheduler is not None:
-        trainer.scheduler.load_state_dict(dict(reader.state["scheduler"]))
-        for g, lr in zip(trainer.scheduler.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+    if with_opt and reader.state.get("scheduler") and scheduler is not None:
+        scheduler.load_state_dict(dict(reader.state["scheduler"]))
+        for g, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             g["lr"] = lr
     if with_opt:
         engine.global_steps = int(reader.state["step"])
-        engine.global_samples = engine.global_steps * trainer.cfg.train.global_batch_size
-
-
-def _device(trainer):
-    return torch.device(trainer.device)
+        engine.global_samples = engine.global_steps * cfg.train.global_batch_size
 
 
 def _load_plain(opt, params, whole, with_opt, step):

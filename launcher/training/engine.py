@@ -1,0 +1,99 @@
+"""Builders shared by the trainer and the benchmarks: process group, model, optimizer, DeepSpeed engine.
+
+    init_distributed(env)     NCCL on GPUs, gloo on CPU; returns the device string
+    build_model(cfg)          the model of cfg.model (vocabulary sizes already filled by inputs.py)
+    build_optimizer(...)      AdamW (no decay on biases, norms, embeddings) + the LR schedule
+    ds_config(cfg, accum)     DeepSpeed's config: fp32 master weights and gradients, ZeRO stage
+    build_engine(...)         all of the above + the TP plan -> (engine, scheduler)
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from launcher.config import RunConfig
+from launcher.dist_env import DistEnv
+from launcher.parallel.dims import Mesh
+from launcher.parallel.plan import parallelize
+from launcher.training.schedule import lr_multiplier
+from model.transformer import Transformer
+
+
+def init_distributed(env: DistEnv, timeout_s: int) -> str:
+    """Process group over all ranks: NCCL on GPUs, gloo on CPU. Returns the device string."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device, backend = f"cuda:{env.local_rank}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                   rank=env.rank, world_size=env.world_size, auto_mpi_discovery=False)
+    return device
+
+
+def build_model(cfg: RunConfig) -> Transformer:
+    model = Transformer(cfg.model)
+    model.criterion.label_smoothing = cfg.train.label_smoothing
+    return model
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: str):
+    """AdamW (no decay on biases, norms, embeddings) and the LR schedule as a LambdaLR."""
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            fused=device.startswith("cuda"))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, o.schedule, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+    return opt, sched
+
+
+def ds_config(cfg: RunConfig, accum: int) -> dict:
+    """DeepSpeed runs in fp32 (master weights and gradients); bf16 comes from torch.autocast."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        # without ZeRO the trainer clips itself (to report the norm); ZeRO optimizers clip here
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
+    """The model with the TP plan applied, on `device`, inside a DeepSpeed engine -> (engine, scheduler)."""
+    model = parallelize(build_model(cfg), mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
+    model.to(device)
+    if cfg.parallel.zero_stage == 3:
+        # the output projection is tied to the embedding and used outside embed's forward
+        deepspeed.zero.register_external_parameter(model, model.embed.weight)
+    optimizer, scheduler = build_optimizer(cfg, model, device)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mesh.deepspeed_mpu(),
+        config=ds_config(cfg, accum), dist_init_required=False)
+    return engine, scheduler
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast over fp32 master weights (GPU and CPU), or nothing for fp32."""
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def all_reduce(t: torch.Tensor, device: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    t = t.to(device)
+    dist.all_reduce(t, op=op, group=group)
+    return t
