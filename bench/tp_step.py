@@ -102,8 +102,8 @@ def bench_config(args) -> tuple[RunConfig, list[int]]:
     mult = math.lcm(m.vocab_multiple, *tps)          # one padded vocabulary for every layout: the same model
     cfg.model = dataclasses.replace(m, real_vocab_size=real, vocab_size=padded_vocab(max(m.vocab_size, real), mult))
     cfg.train.global_batch_size = cfg.train.micro_batch_size      # dp = 1: one micro-batch per step
-    for tp in tps:
-        validate_layout(cfg, tp, tp)                  # the trainer's one layout check, per layout
+    for tp in tps:                                    # the trainer's one layout check, per layout
+        validate_layout(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp)), tp, tp)
     return cfg, tps
 
 

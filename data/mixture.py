@@ -20,9 +20,12 @@ data.mixture in a config lists the datasets:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from data.sources import DataError, resolve_source
 
 KEYS = ("source", "weight", "objective", "manifest", "name")
 MIN_WINDOW_ROWS = 256
@@ -112,7 +115,6 @@ class Schedule:
 
 def components_for(d, spec_path: str, shuffle: bool) -> list[Component]:
     """DataConfig + the source asked for (data.train / data.valid, or '' for data.mixture) -> datasets."""
-    from data.sources import DataError, resolve_source
     if spec_path:
         manifest = d.valid_manifest if (spec_path == d.valid and not shuffle) else d.train_manifest
         return [Component("", resolve_source(spec_path, manifest), d.objective)]
@@ -124,8 +126,6 @@ def components_for(d, spec_path: str, shuffle: bool) -> list[Component]:
 
 def find_tokenizer(d) -> str:
     """data.tokenizer, else tokenizer.json in data.train or in the first local mixture source that has one."""
-    import os
-    from data.sources import DataError
     if d.tokenizer:
         return d.tokenizer
     candidates = [d.train] + [e.get("source", "") for e in (d.mixture or []) if isinstance(e, dict)]
