@@ -1,4 +1,4 @@
-"""`encdec` command: prepare | train | convert | import | generate | plot.
+"""`encdec` command: prepare | train | plan | convert | import | generate | plot.
 
 Every expected failure (bad config, missing or bad input, bad checkpoint) ends with one line
 `encdec: error: ...` naming the file/key/value, and exit status 2.
@@ -72,6 +72,12 @@ def _plot(a) -> int:
     return 0
 
 
+def _plan(a) -> int:
+    from launcher.planner.plan import main as plan_main
+    return plan_main(a.config, a.overrides, a.nodes, a.gpus_per_node, a.gpu_memory_gib, a.peak_tflops, a.json,
+                     a.vocab)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encdec", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -116,6 +122,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.set_defaults(fn=_generate)
 
+    s = sub.add_parser("plan", help="memory, communication and step time of a layout; the layouts that fit")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--gpus-per-node", type=int, required=True)
+    s.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    s.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU (default 989, H100/H200)")
+    s.add_argument("--vocab", type=int, default=32000, help="vocabulary size when the config leaves it to the tokenizer")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_plan)
+
     s = sub.add_parser("plot", help="PNG curves from a run folder's metrics.jsonl")
     s.add_argument("run_dir")
     s.set_defaults(fn=_plot)
@@ -125,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if args.cmd == "train":                       # overrides may also follow --nproc N
+    if args.cmd in ("train", "plan"):             # overrides may also follow the options
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:

@@ -64,6 +64,19 @@ class ParallelConfig:
 
 
 @dataclass
+class CommConfig:
+    """DeepSpeed's communication settings (sizes in elements). Buckets never exceed the rank's
+    parameter count (a larger bucket only reserves memory), see launcher/training/engine.py ds_config."""
+    overlap_comm: bool = True                   # ZeRO 1-3: reduce/gather in backward while computing
+    contiguous_gradients: bool = True           # ZeRO 1-2: copy grads into one buffer (no fragmentation)
+    reduce_bucket_size: int = 200_000_000       # ZeRO 1-3: elements per gradient reduce(-scatter)
+    allgather_bucket_size: int = 200_000_000    # ZeRO 1-2: elements per parameter all-gather after the step
+    stage3_prefetch_bucket_size: int = 50_000_000       # ZeRO 3: elements fetched ahead of use
+    stage3_param_persistence_threshold: int = 100_000   # ZeRO 3: smaller parameters stay whole (no gather)
+    stage3_max_live_parameters: int = 1_000_000_000     # ZeRO 3: gathered elements held at once
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 64     # samples per optimizer step, all ranks together
@@ -74,6 +87,7 @@ class TrainConfig:
     eval_every: int = 0             # 0 = only at the end (if valid data is set)
     label_smoothing: float = 0.0
     collective_timeout_s: int = 600  # a dead rank ends the job instead of hanging it
+    compile: bool = False           # torch.compile each encoder/decoder layer (any ZeRO stage and tp)
 
 
 @dataclass
@@ -102,6 +116,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -271,6 +286,10 @@ def validate(cfg: RunConfig) -> None:
     _check(len(o.betas) == 2, "optim.betas", f"needs two values, got {o.betas}")
     _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {p.zero_stage}")
     _check(p.tp >= 1, "parallel.tp", f"must be >= 1, got {p.tp}")
+    for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+              "stage3_param_persistence_threshold", "stage3_max_live_parameters"):
+        v = getattr(cfg.comm, k)
+        _check(v > 0 if "bucket" in k else v >= 0, f"comm.{k}", f"must be {'> 0' if 'bucket' in k else '>= 0'}, got {v}")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     _check(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode",
            f"must be online, offline or disabled, got {cfg.wandb.mode!r}")

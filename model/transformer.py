@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.loss import LinearCrossEntropy
+
 
 @dataclass
 class ModelConfig:
@@ -83,15 +85,28 @@ class Attention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x, kv, mask=None, causal=False):
-        # x (B, T, D) queries; kv (B, S, D) keys/values; mask (B, 1, 1, S) bool, True = attend
+        # x (B, T, D) queries; kv (B, S, D) keys/values; mask (B, 1, 1, S) bool, True = attend,
+        # or None (no padding: SDPA may then pick the flash kernel). One GEMM for q, k and v in
+        # self-attention, one for k and v in cross-attention: the weights stay separate
+        # parameters (checkpoints, TP shards and the HF key map are unchanged) and are
+        # concatenated here, a copy of D x 3D next to the (B x T) x D x 3D matmul.
         B, T, _ = x.shape
         S = kv.shape[1]
-        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, Dh)
-        k = self.k(kv).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
-        v = self.v(kv).view(B, S, -1, self.head_dim).transpose(1, 2)
+        if kv is x:
+            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]),
+                           _cat_bias(self.q.bias, self.k.bias, self.v.bias))
+            q, k, v = qkv.view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, Dh)
+        else:
+            q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)           # (B, H, T, Dh)
+            kvp = F.linear(kv, torch.cat([self.k.weight, self.v.weight]), _cat_bias(self.k.bias, self.v.bias))
+            k, v = kvp.view(B, S, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4)      # 2 x (B, H, S, Dh)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, D)
+
+
+def _cat_bias(*biases):
+    return None if any(b is None for b in biases) else torch.cat(biases)
 
 
 class FeedForward(nn.Module):
@@ -153,8 +168,22 @@ class DecoderLayer(nn.Module):
         return self.ffn_block(y, self.ffn)
 
 
+def attention_mask(src_mask):
+    """(B, S) bool source mask -> the (B, 1, 1, S) SDPA mask, or None when there is no padding.
+
+    None stays None (the caller knows the batch has no padding: the trainer decides from the
+    host copy of the batch, once per micro-batch). A mask on the CPU is checked here (no device
+    sync involved); a mask already on an accelerator is used as given, never synced per layer.
+    """
+    if src_mask is None:
+        return None
+    if src_mask.device.type == "cpu" and bool(src_mask.all()):
+        return None
+    return src_mask[:, None, None, :]
+
+
 class CrossEntropy(nn.Module):
-    """Summed token cross-entropy over labels != ignore_index; returns (sum, count)."""
+    """Reference criterion on materialised logits (the model uses LinearCrossEntropy). Summed token cross-entropy over labels != ignore_index; returns (sum, count)."""
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, n_classes: int = 0):
         super().__init__()
@@ -186,7 +215,7 @@ class Transformer(nn.Module):
         # Pre-LN stacks end with a LayerNorm (the residual stream is otherwise unnormalised).
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
-        self.criterion = CrossEntropy(n_classes=c.real_vocab_size)
+        self.criterion = LinearCrossEntropy(n_classes=c.real_vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -204,15 +233,16 @@ class Transformer(nn.Module):
         return self.drop(self.embed(ids) * self.embed_scale + self.positions[:L].to(self.embed.weight.dtype))
 
     def encode(self, src_ids, src_mask):
-        # src_mask (B, S) bool, True = real token -> (B, 1, 1, S) for every query and head
-        mask = src_mask[:, None, None, :]
+        # src_mask (B, S) bool, True = real token -> (B, 1, 1, S) for every query and head;
+        # None = no padding (no mask at all, so SDPA may use its flash kernel)
+        mask = attention_mask(src_mask)
         x = self._embed(src_ids)
         for layer in self.encoder:
             x = layer(x, mask)
         return self.encoder_norm(x)
 
     def decode(self, tgt_ids, memory, src_mask):
-        mask = src_mask[:, None, None, :]
+        mask = attention_mask(src_mask)
         y = self._embed(tgt_ids)
         for layer in self.decoder:
             y = layer(y, memory, mask)
@@ -223,9 +253,15 @@ class Transformer(nn.Module):
         return F.linear(h, self.embed.weight) + self.logits_bias
 
     def forward(self, src_ids, src_mask, tgt_ids, labels=None):
-        """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count."""
-        logits = self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
-        return logits if labels is None else self.criterion(logits, labels)
+        """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count.
+
+        With labels the logits are never materialised whole: the criterion takes the hidden
+        states and the tied output projection (model/loss.py, chunked over tokens).
+        """
+        h = self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask)
+        if labels is None:
+            return self.logits(h)
+        return self.criterion(h, self.embed.weight, self.logits_bias, labels)
 
 
 def count_parameters(c: ModelConfig) -> int:

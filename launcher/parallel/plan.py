@@ -8,7 +8,8 @@ The plan (Megatron's split of a Transformer layer, heads and FFN columns across 
                  fc2     -> RowParallelLinear
     embed        -> VocabParallelEmbedding; the tied output projection F.linear(h, embed.weight)
                     then yields this rank's vocabulary columns, and logits_bias is sliced to match
-    criterion    -> VocabParallelCrossEntropy (never gathers the full-vocabulary logits)
+    criterion    -> VocabParallelLinearCrossEntropy (chunked over tokens from the hidden states;
+                    never gathers, nor holds at once, the full-vocabulary logits)
 
 Where replicated activations enter sharded weights, their gradient must be summed over the TP
 group (copy_to_tp). That happens once per consumer group, not once per linear layer:
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from launcher.parallel.dims import Mesh
-from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
-                                  VocabParallelEmbedding, copy_to_tp)
+from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                  VocabParallelLinearCrossEntropy, copy_to_tp)
 from model.transformer import Attention, FeedForward, Transformer
 
 # (module class, child linear, partition dim of its weight, is its bias sharded)
@@ -97,10 +99,11 @@ def _apply_tp(model: Transformer, group) -> None:
     model.encoder_norm.register_forward_hook(_copy_output_hook(group))   # memory -> cross-attn k/v
     model.decoder_norm.register_forward_hook(_copy_output_hook(group))   # h -> tied output projection
     crit = model.criterion
-    model.criterion = VocabParallelCrossEntropy(group, lo, emb.num_embeddings_full,
-                                                ignore_index=crit.ignore_index,
-                                                label_smoothing=crit.label_smoothing,
-                                                smooth_classes=getattr(crit, "n_classes", 0) or None)
+    model.criterion = VocabParallelLinearCrossEntropy(group, lo, emb.num_embeddings_full,
+                                                      ignore_index=crit.ignore_index,
+                                                      label_smoothing=crit.label_smoothing,
+                                                      smooth_classes=getattr(crit, "n_classes", 0) or None,
+                                                      chunk=getattr(crit, "chunk", 0))
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
@@ -118,11 +121,28 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         layer._activation_checkpointing = True
 
 
-def parallelize(model: Transformer, mesh: Mesh, activation_checkpointing: bool = False) -> Transformer:
-    """Applies the TP plan (tp > 1) and optional activation checkpointing, in place; returns the model.
+def compile_layers(model: Transformer) -> None:
+    """torch.compile of each encoder/decoder layer's forward, in place (names and keys unchanged).
+
+    The layer module itself stays eager, so hooks on it (DeepSpeed ZeRO-3's parameter gathering,
+    with the layers marked as ZeRO-3 leaf modules by the trainer) run outside the compiled code;
+    activation checkpointing, applied after, recomputes the compiled forward.
+    """
+    for layer in (*model.encoder, *model.decoder):
+        if not getattr(layer, "_compiled", False):
+            layer.forward = torch.compile(layer.forward)
+            layer._compiled = True
+
+
+def parallelize(model: Transformer, mesh: Mesh, activation_checkpointing: bool = False,
+                compile: bool = False) -> Transformer:
+    """Applies the TP plan (tp > 1), optional torch.compile of the layers and activation
+    checkpointing, in place; returns the model.
     The layout was checked once, before any process group (dims.validate_layout)."""
     if mesh.tp > 1:
         _apply_tp(model, mesh.tp_group)
+    if compile:
+        compile_layers(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     return model

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.loss import linear_cross_entropy
+
 
 def mark_tp_param(p: nn.Parameter, dim: int) -> nn.Parameter:
     p.tensor_model_parallel = True
@@ -236,3 +238,35 @@ class VocabParallelCrossEntropy(nn.Module):
                                             self.vocab_total, self.group, self.ignore_index, self.label_smoothing,
                                             self.smooth_classes)
         return loss.sum(), (labels != self.ignore_index).sum()
+
+
+class VocabParallelLinearCrossEntropy(nn.Module):
+    """Drop-in for model.loss.LinearCrossEntropy under TP: (h (B, T, D), weight (V/tp, D), bias (V/tp,),
+    labels (B, T)) -> (sum, count), chunked over tokens, never holding full-vocabulary logits.
+
+    h must already be in the TP region (copy_to_tp: its gradient, a partial sum over this rank's
+    vocabulary rows, is all-reduced there). Two all-reduces of (N,)-sized tensors per forward
+    (max, then sum-of-exponentials / target logit / smoothing sum stacked), none in backward.
+    """
+
+    def __init__(self, group, vocab_start: int, vocab_total: int, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, smooth_classes: int | None = None, chunk: int = 0):
+        super().__init__()
+        self.group, self.vocab_start, self.vocab_total = group, vocab_start, vocab_total
+        self.ignore_index, self.label_smoothing, self.smooth_classes = ignore_index, label_smoothing, smooth_classes
+        self.chunk = chunk
+
+    def _max(self, t):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def _sum(self, t):
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def forward(self, h, weight, bias, labels):
+        loss = linear_cross_entropy(h, weight, bias, labels, chunk=self.chunk, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing,
+                                    smooth_classes=self.smooth_classes or self.vocab_total,
+                                    vocab_start=self.vocab_start, reduce_max=self._max, reduce_sum=self._sum)
+        return loss, (labels != self.ignore_index).sum()

@@ -3,7 +3,7 @@
     init_distributed(env)     NCCL on GPUs, gloo on CPU; returns the device string
     build_model(cfg)          the model of cfg.model (vocabulary sizes already filled by inputs.py)
     build_optimizer(...)      AdamW (no decay on biases, norms, embeddings) + the LR schedule
-    ds_config(cfg, accum)     DeepSpeed's config: fp32 master weights and gradients, ZeRO stage
+    ds_config(cfg, accum)     DeepSpeed's config: fp32 master weights and gradients, ZeRO stage, comm.*
     build_engine(...)         all of the above + the TP plan -> (engine, scheduler)
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import deepspeed
+from deepspeed.utils import set_z3_leaf_modules
 import torch
 import torch.distributed as dist
 
@@ -19,7 +20,7 @@ from launcher.dist_env import DistEnv
 from launcher.parallel.dims import Mesh
 from launcher.parallel.plan import parallelize
 from launcher.training.schedule import lr_multiplier
-from model.transformer import Transformer
+from model.transformer import DecoderLayer, EncoderLayer, Transformer
 
 
 def init_distributed(env: DistEnv, timeout_s: int) -> str:
@@ -55,14 +56,31 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: str):
     return opt, sched
 
 
-def ds_config(cfg: RunConfig, accum: int) -> dict:
-    """DeepSpeed runs in fp32 (master weights and gradients); bf16 comes from torch.autocast."""
+def ds_config(cfg: RunConfig, accum: int, n_params: int | None = None) -> dict:
+    """DeepSpeed runs in fp32 (master weights and gradients); bf16 comes from torch.autocast.
+
+    Communication settings from cfg.comm. n_params (this rank's parameter count): buckets are
+    capped to it, since a bucket larger than the model only reserves memory (ZeRO 1/2 allocate
+    reduce_bucket_size elements whatever the model size).
+    """
+    c = cfg.comm
+    cap = (lambda n: min(n, max(n_params, 1))) if n_params else (lambda n: n)
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage > 0:
+        zero.update(overlap_comm=c.overlap_comm, contiguous_gradients=c.contiguous_gradients,
+                    reduce_bucket_size=cap(c.reduce_bucket_size))
+        if cfg.parallel.zero_stage < 3:
+            zero.update(allgather_bucket_size=cap(c.allgather_bucket_size))
+        else:
+            zero.update(stage3_prefetch_bucket_size=cap(c.stage3_prefetch_bucket_size),
+                        stage3_param_persistence_threshold=c.stage3_param_persistence_threshold,
+                        stage3_max_live_parameters=c.stage3_max_live_parameters)
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
         # without ZeRO the trainer clips itself (to report the norm); ZeRO optimizers clip here
         "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -70,16 +88,23 @@ def ds_config(cfg: RunConfig, accum: int) -> dict:
 
 
 def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
-    """The model with the TP plan applied, on `device`, inside a DeepSpeed engine -> (engine, scheduler)."""
-    model = parallelize(build_model(cfg), mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
+    """The model with the TP plan applied (train.compile: layers compiled), on `device`, inside a
+    DeepSpeed engine -> (engine, scheduler)."""
+    model = parallelize(build_model(cfg), mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                        compile=cfg.train.compile)
     model.to(device)
     if cfg.parallel.zero_stage == 3:
         # the output projection is tied to the embedding and used outside embed's forward
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
+        if cfg.train.compile:
+            # a whole layer's parameters are gathered by its (eager) pre-forward hook: no ZeRO
+            # hooks inside the compiled code
+            set_z3_leaf_modules(model, [EncoderLayer, DecoderLayer])
     optimizer, scheduler = build_optimizer(cfg, model, device)
+    n_local = sum(p.numel() for p in model.parameters())
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mesh.deepspeed_mpu(),
-        config=ds_config(cfg, accum), dist_init_required=False)
+        config=ds_config(cfg, accum, n_params=n_local), dist_init_required=False)
     return engine, scheduler
 
 

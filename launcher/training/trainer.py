@@ -120,9 +120,11 @@ class Trainer:
         scale = self.dp * self.accum / max(n_tgt, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # no host sync per micro-batch
         for i, b in enumerate(batches):
+            # no padding (packed span data): no attention mask, decided on the host copy, no device sync
+            unpadded = bool(b["src_mask"].all())
             b = to_device(b, self.device)
             with autocast(self.device, self.cfg.train.precision):
-                loss, _ = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
+                loss, _ = self.engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"])
             self.engine.backward(loss * scale)
             if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
                 # Without ZeRO, DeepSpeed clips but does not report the norm: clip here, with the
