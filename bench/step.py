@@ -18,7 +18,8 @@ order rotates every round, so drift in machine load hits all three alike):
   hf        PegasusForConditionalGeneration (Marian for post-LN) in the same plain loop, labels
             passed to the model (its own mean cross-entropy), AdamW
 
-Printed: step time (median), tokens/s (source + target tokens), the ratio to hf, the trainer's
+Printed: step time (median and min over the rounds: on a shared machine the min is the step
+least disturbed by other load), tokens/s (source + target tokens), the ratio to hf, the trainer's
 overhead over the bare loop, peak memory, and MFU where the device's peak is known
 (launcher/flops.py; ENCDEC_PEAK_FLOPS sets it on any device). Peak memory is measured for
 each contender alone, from building it to the end of its first step, as the peak of live tensor
@@ -218,14 +219,16 @@ def main(argv=None) -> int:
     step_flops = flops.train_flops(cfg.model, B, S, T)
     peak = flops.peak_flops(device, cfg.train.precision)
     med = {n: statistics.median(times[n]) for n in names}
+    best = {n: min(times[n]) for n in names}
     print("first-step loss: " + ", ".join(f"{n} {first[n]:.4f}" for n in names))
     print()
-    head = f"{'':10s} {'step (s)':>9s} {'tokens/s':>10s} {'vs hf':>6s} {'peak tensors (MiB)':>19s}"
+    head = (f"{'':10s} {'step (s)':>9s} {'min (s)':>8s} {'tokens/s':>10s} {'at min':>8s} {'vs hf':>6s} "
+            f"{'peak tensors (MiB)':>19s}")
     head += f" {'peak CUDA (MiB)':>16s}" if on_cuda else ""
     head += f" {'MFU':>6s}"
     print(head)
     for n in names:
-        line = (f"{n:10s} {med[n]:9.4f} {tokens / med[n]:10,.0f} "
+        line = (f"{n:10s} {med[n]:9.4f} {best[n]:8.4f} {tokens / med[n]:10,.0f} {tokens / best[n]:8,.0f} "
                 f"{(med['hf'] / med[n]) if 'hf' in med else float('nan'):6.2f} {peaks[n] / MIB:19,.1f}")
         if on_cuda:
             line += f" {cuda_peaks[n] / MIB:16,.1f}"
@@ -234,9 +237,10 @@ def main(argv=None) -> int:
         print(line)
     print()
     if "hf" in med:
-        print(f"trainer / hf tokens/s: {med['hf'] / med['trainer']:.3f}   bare / hf: {med['hf'] / med['bare']:.3f}")
-    print(f"trainer overhead over the bare loop: {100 * (med['trainer'] / med['bare'] - 1):+.1f}% "
-          f"(step {med['trainer']:.4f} s vs {med['bare']:.4f} s)")
+        print(f"trainer / hf tokens/s: {med['hf'] / med['trainer']:.3f} (median), {best['hf'] / best['trainer']:.3f} "
+              f"(min)   bare / hf: {med['hf'] / med['bare']:.3f} (median), {best['hf'] / best['bare']:.3f} (min)")
+    print(f"trainer overhead over the bare loop: {100 * (med['trainer'] / med['bare'] - 1):+.1f}% (median), "
+          f"{100 * (best['trainer'] / best['bare'] - 1):+.1f}% (min; the least disturbed step of each)")
     print(f"model FLOPs per step: {step_flops:.3e}; device peak: "
           f"{'%.3g FLOP/s' % peak if peak else 'unknown (set ENCDEC_PEAK_FLOPS for MFU)'}")
     return 0
