@@ -18,7 +18,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data.corpus import CorpusError, read_records
-from data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from data.tokenizer import ensure_eos, load_tokenizer, sentinel_ids, tokenizer_hash, train_tokenizer
 from common.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
@@ -50,8 +50,14 @@ def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer:
         tok_path = os.path.join(tmp, "tokenizer.json")
         if tokenizer:
             src_tok = tokenizer if tokenizer.endswith(".json") else os.path.join(tokenizer, "tokenizer.json")
-            tok = load_tokenizer(src_tok)
-            shutil.copyfile(src_tok, tok_path)
+            tok = load_tokenizer(src_tok)          # ours, or a Hugging Face folder's (e.g. T5's)
+            if objective == "span" and not sentinel_ids(tok):
+                raise CorpusError(f"tokenizer {src_tok} has no sentinel tokens (<extra_id_0>, ...): span "
+                                  "corruption needs them; use --objective pairs or a tokenizer that has them")
+            if ensure_eos(tok):                    # every prepared sequence must end with </s>
+                tok.save(tok_path)
+            else:
+                shutil.copyfile(src_tok, tok_path)
         else:
             texts = (t for rec in _records(inputs, objective, fields) for t in rec)
             tok = train_tokenizer(texts, vocab_size)

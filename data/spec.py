@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data.mixture import Component
-from data.objectives import raw_length_for, span_target_length
+from data.objectives import as_sentinel_ids, raw_length_for, span_target_length
 from data.packing import chunks_per_block, mean_doc_tokens
 from data.sources import DataError
 
@@ -29,7 +29,8 @@ class StreamSpec:
     max_tgt_len: int = 128
     noise_density: float = 0.15
     mean_span_length: float = 3.0
-    n_sentinels: int = 100
+    n_sentinels: int = 100       # the project's tokenizer: sentinel ids SENTINEL_BASE.. (when sentinel_ids is empty)
+    sentinel_ids: list = field(default_factory=list)   # a tokenizer's <extra_id_0>, <extra_id_1>, ... ids
     shuffle: bool = True
     pack: bool = True
     bucket_window: int = 0
@@ -46,6 +47,10 @@ class StreamSpec:
                             f"data.num_streams={self.num_streams}")
         if len(self.components) > 1 and not self.shuffle:
             raise DataError("validation data must be a single dataset, not a mixture")
+        self.sentinels = list(self.sentinel_ids) or self.n_sentinels
+        if any(c.objective != "pairs" for c in self.components) and not len(as_sentinel_ids(self.sentinels)):
+            raise DataError("span corruption needs sentinel tokens, and the tokenizer has none "
+                            "(no <extra_id_0>; use one with <extra_id_N> tokens, e.g. one `encdec prepare` trains)")
         self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
         self.geometry = [Geometry(self, c) for c in self.components]
         self.epoch_positions = self.num_streams * sum(g.P for g in self.geometry)

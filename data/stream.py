@@ -153,10 +153,10 @@ class Layout:
                 packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
             else:
                 ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
-                                                    spec.n_sentinels, rng)
+                                                    spec.sentinels, rng)
         if packed:
             src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
-                                         spec.n_sentinels, np.stack([p[2] for p in packed]))
+                                         spec.sentinels, np.stack([p[2] for p in packed]))
             for (ex, _, _), x, y in zip(packed, src, tgt):
                 ex["src"], ex["tgt"] = x, y
         return out
