@@ -21,6 +21,16 @@ def count_parameters(c: ModelConfig) -> int:
     return _count_transformer(c)
 
 
+def hf_adapter_for(c: ModelConfig):
+    """The module holding the explicit Hugging Face key map of c.arch (same functions in both):
+    model.hf_adapter (Pegasus / Marian) or model.t5_hf (T5ForConditionalGeneration)."""
+    if c.arch == "t5":
+        from model import t5_hf          # kept out of the package import, as build() does
+        return t5_hf
+    from model import hf_adapter as seed_adapter
+    return seed_adapter
+
+
 def check_model_config(c: ModelConfig) -> list[tuple[str, str]]:
     """[(key, problem)] for values the model cannot be built with (empty when fine)."""
     bad = []
@@ -46,5 +56,5 @@ def check_model_config(c: ModelConfig) -> list[tuple[str, str]]:
     return bad
 
 
-__all__ = ["ARCHS", "ModelConfig", "Transformer", "build", "check_model_config", "count_parameters",
+__all__ = ["ARCHS", "ModelConfig", "Transformer", "build", "check_model_config", "count_parameters", "hf_adapter_for",
            "padded_vocab", "sinusoid_table"]

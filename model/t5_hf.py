@@ -125,10 +125,13 @@ def model_config_from_hf(h) -> ModelConfig:
         raise _unsupported("is_encoder_decoder", h.is_encoder_decoder, "an encoder-decoder is needed")
     start = getattr(h, "decoder_start_token_id", None)
     tied = bool(getattr(h, "scale_decoder_outputs", getattr(h, "tie_word_embeddings", True)))
+    if isinstance(h.eos_token_id, (list, tuple)):
+        raise _unsupported("eos_token_id", h.eos_token_id, "one end-of-sequence id")
+    # norm and activation are the seed Transformer's settings (t5 is always pre-RMS-norm, gated GELU): defaults
     return ModelConfig(arch="t5", vocab_size=h.vocab_size, real_vocab_size=h.vocab_size, vocab_multiple=h.vocab_size,
                        d_model=h.d_model, n_heads=h.num_heads, head_dim=h.d_kv, d_ff=h.d_ff,
-                       n_encoder_layers=h.num_layers, n_decoder_layers=h.num_decoder_layers, norm="pre",
-                       activation="gelu", dropout=float(h.dropout_rate), attention_dropout=float(h.dropout_rate),
+                       n_encoder_layers=h.num_layers, n_decoder_layers=h.num_decoder_layers,
+                       dropout=float(h.dropout_rate),
                        max_positions=int(getattr(h, "n_positions", 512) or 512), layer_norm_eps=h.layer_norm_epsilon,
                        pad_id=h.pad_token_id, eos_id=h.eos_token_id,
                        decoder_start_id=h.pad_token_id if start is None else start,

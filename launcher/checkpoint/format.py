@@ -28,7 +28,8 @@ PARTIAL = ".partial"
 # model settings that must agree between a checkpoint and the run resuming it (dropout may change)
 ARCH_KEYS = ("real_vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers",
              "n_decoder_layers", "norm", "activation", "max_positions", "layer_norm_eps", "pad_id", "eos_id",
-             "decoder_start_id")
+             "decoder_start_id", "arch", "head_dim", "relative_attention_num_buckets",
+             "relative_attention_max_distance", "tie_embeddings")
 
 
 class CheckpointError(RuntimeError):
