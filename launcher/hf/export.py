@@ -1,7 +1,8 @@
 """`encdec convert CHECKPOINT OUT`: a training checkpoint (any ZeRO stage, any TP degree) -> a Hugging Face folder.
 
 OUT holds config.json, model.safetensors, generation_config.json and the tokenizer, loadable by
-AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers.
+AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers, and a model
+card (README.md, card.py) with the effective config (encdec_config.yaml).
 
 Offline, one process, bounded memory: the weights are read one parameter at a time from the
 checkpoint's files (memory-mapped, launcher/checkpoint/reader.py: the optimizer state is never read)
@@ -21,9 +22,10 @@ from common.atomic import atomic_dir
 from data.tokenizer import save_hf_tokenizer
 from launcher.checkpoint.format import CheckpointError, read_state, resolve_checkpoint, verify_files
 from launcher.checkpoint.reader import CheckpointReader
-from launcher.config import config_from_dict
+from launcher.config import config_from_dict, config_to_dict
+from launcher.hf.card import write_card
 from launcher.hf.st_writer import StreamingSafetensorsWriter
-from model import hf_adapter_for
+from model import count_parameters, hf_adapter_for
 
 
 def _hf_tensors(reader: CheckpointReader, mc):
@@ -83,6 +85,8 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
                          max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
         write_hf_weights(reader, os.path.join(tmp, "model.safetensors"), progress=progress)
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
+        write_card(tmp, cfg, state, os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root,
+                   adapter.hf_class_name(mc), count_parameters(mc), config_to_dict(cfg))
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:
             json.dump({"checkpoint": tag_dir, "step": state["step"]}, f)
     return out
