@@ -26,6 +26,7 @@ bench: install
 	$(PY) bench/data_throughput.py
 	$(PY) bench/tp_step.py
 	$(PY) bench/export_memory.py
+	$(PY) bench/t5_step_time.py
 
 clean:
 	rm -rf runs/demo

@@ -115,16 +115,17 @@ def _unsupported(field: str, got, why: str) -> ValueError:
 
 
 def model_config_from_hf(h) -> ModelConfig:
-    """A T5Config (model_type t5) -> ModelConfig(arch="t5"); ValueError names the first field we cannot represent."""
-    if h.model_type != "t5":
-        raise _unsupported("model_type", h.model_type, "t5, pegasus or marian; umt5/longt5 have other layouts")
+    """A T5Config or MT5Config -> ModelConfig(arch="t5"); ValueError names the first field we cannot represent."""
+    if h.model_type not in ("t5", "mt5"):             # mT5 is T5 v1.1's layout with a larger vocabulary
+        raise _unsupported("model_type", h.model_type, "t5, mt5, pegasus or marian; umt5/longt5 have other layouts")
     if getattr(h, "feed_forward_proj", None) != "gated-gelu":
         raise _unsupported("feed_forward_proj", getattr(h, "feed_forward_proj", None),
                            "model.arch=t5 is T5 v1.1's gated-gelu; the original T5's relu FFN is not built")
     if not getattr(h, "is_encoder_decoder", True):
         raise _unsupported("is_encoder_decoder", h.is_encoder_decoder, "an encoder-decoder is needed")
     start = getattr(h, "decoder_start_token_id", None)
-    tied = bool(getattr(h, "scale_decoder_outputs", getattr(h, "tie_word_embeddings", True)))
+    # transformers 5 keeps the head's tying in scale_decoder_outputs (T5); MT5 never rescales: untied head
+    tied = h.model_type == "t5" and bool(getattr(h, "scale_decoder_outputs", getattr(h, "tie_word_embeddings", True)))
     if isinstance(h.eos_token_id, (list, tuple)):
         raise _unsupported("eos_token_id", h.eos_token_id, "one end-of-sequence id")
     # norm and activation are the seed Transformer's settings (t5 is always pre-RMS-norm, gated GELU): defaults

@@ -173,6 +173,17 @@ def test_real_t5_configs_map(name):
         {k: tuple(v.shape) for k, v in hm.state_dict().items() if k not in hf_tied(c)}
 
 
+def test_mt5_config_maps_to_the_same_layout():
+    from transformers import MT5Config, MT5ForConditionalGeneration
+    c = model_config_from_hf(MT5Config(**{**REAL["t5-v1_1-small"], "vocab_size": 250112}))   # mt5-small's shape
+    assert (c.arch, c.vocab_size, c.head_dim, c.tie_embeddings) == ("t5", 250112, 64, False)
+    with torch.device("meta"):
+        hm = MT5ForConditionalGeneration(hf_config(c))
+        untie_head(hm)
+    assert set(hf_key_map(c).values()) == set(hm.state_dict()) - set(hf_tied(c))
+    assert count_parameters(c) == sum(p.numel() for p in hm.parameters()) == 300176768   # mt5-small's size
+
+
 @pytest.mark.parametrize("field,value", [("feed_forward_proj", "relu"), ("model_type", "umt5")])
 def test_unrepresentable_configs_refused(field, value):
     from transformers import T5Config, UMT5Config

@@ -67,7 +67,7 @@ def hf_state(hf_dir: str) -> dict:
         hcfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{hf_dir}/config.json: {str(e).splitlines()[0]}") from None
-    if hcfg.model_type == "t5":
+    if hcfg.model_type in ("t5", "mt5"):
         return _t5_state(hf_dir, hcfg)
     try:
         mc = model_config_from_hf(hcfg)
