@@ -1,8 +1,9 @@
 """model.arch=t5 in the real trainer (DeepSpeed engines, gloo ranks) against one process.
 
 tp2 x dp2 with ZeRO 2 and tp2 with ZeRO 3: the same losses and gradient norms (clipping active in
-every step) as one process; tp2 ZeRO 2 resumes exactly (dropout on); the run exports to a
-T5ForConditionalGeneration computing the trained model's logits.
+every step) as one process; tp2 ZeRO 2 resumes exactly (dropout on); a tp2 ZeRO-3 checkpoint
+continues on dp1 ZeRO-0; the run exports to a T5ForConditionalGeneration computing the trained
+model's logits.
 """
 import os
 
@@ -37,7 +38,7 @@ def test_t5_tp_zero_layouts_equal_one_process(tiny_pairs, tmp_path):
     assert all(v[1] > 0.3 for v in ref.values()), ref                     # clipping is active
     four = run_ranks(4, _runs, data, base, [("tp2dp2-z2", ("parallel.tp=2", "parallel.zero_stage=2"))], tmp=base)
     two = run_ranks(2, _runs, data, base, [
-        ("tp2-z3", ("parallel.tp=2", "parallel.zero_stage=3")),
+        ("tp2-z3", ("parallel.tp=2", "parallel.zero_stage=3", f"checkpoint.every={K}", "checkpoint.keep=5")),
         ("straight", ("parallel.tp=2", "parallel.zero_stage=2", "model.dropout=0.1")),
         ("z2-stopped", ("parallel.tp=2", "parallel.zero_stage=2", "model.dropout=0.1")),
         ("z2", ("parallel.tp=2", "parallel.zero_stage=2", "model.dropout=0.1"))], tmp=base)
@@ -46,6 +47,14 @@ def test_t5_tp_zero_layouts_equal_one_process(tiny_pairs, tmp_path):
             assert got[s][0] == pytest.approx(ref[s][0], rel=1e-5, abs=1e-5), (name, s, got[s], ref[s])
             assert got[s][1] == pytest.approx(ref[s][1], rel=1e-5), (name, s, got[s], ref[s])
     # exact resume: steps K+1..N bitwise equal to the straight run's (dropout on: RNG states restored)
+    # another layout: the tp2 ZeRO-3 step-K checkpoint continues on dp1 ZeRO-0 (resharded: the bias table
+    # and the untied head merged back), on the tp2-z3 run's losses
+    ckpt = os.path.join(base, "tp2-z3", "checkpoints", f"step{K:08d}")
+    dp1 = run_ranks(1, _runs, data, base, [("dp1", ("parallel.zero_stage=0", f"checkpoint.resume={ckpt}"))],
+                    tmp=base)["dp1"]
+    assert sorted(map(int, dp1)) == list(range(K + 1, N + 1))
+    for s in dp1:
+        assert dp1[s][0] == pytest.approx(two["tp2-z3"][s][0], rel=1e-5), (s, dp1[s], two["tp2-z3"][s])
     straight, resumed = two["straight"], two["z2"]
     assert sorted(resumed) == sorted(straight) and len(straight) == N
     for s in straight:
@@ -69,3 +78,4 @@ def test_t5_tp_zero_layouts_equal_one_process(tiny_pairs, tmp_path):
     with torch.no_grad():
         diff = (ours(src, mask, tgt) - hf(input_ids=src, attention_mask=mask.long(), decoder_input_ids=tgt).logits)
     assert diff.abs().max().item() < 1e-4
+
