@@ -27,6 +27,7 @@ bench: install
 	$(PY) bench/tp_step.py
 	$(PY) bench/export_memory.py
 	$(PY) bench/step.py
+	$(PY) bench/t5_step_time.py
 
 clean:
 	rm -rf runs/demo

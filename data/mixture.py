@@ -61,8 +61,8 @@ def parse_mixture(entries, default_objective: str) -> list[dict]:
         if not (w > 0 and math.isfinite(w)):
             raise ValueError(f"config key '{key}.weight': must be > 0, got {w}")
         obj = e.get("objective") or default_objective
-        if obj not in ("span", "pairs"):
-            raise ValueError(f"config key '{key}.objective': must be 'span' or 'pairs', got {obj!r}")
+        if obj not in ("span", "pairs", "ul2"):
+            raise ValueError(f"config key '{key}.objective': must be span, pairs or ul2, got {obj!r}")
         name = str(e.get("name") or i)
         if name in names:
             raise ValueError(f"config key '{key}.name': duplicate name {name!r}")

@@ -24,6 +24,14 @@ from data.tokenizer import EOS_ID, PAD_ID, SENTINEL_BASE
 IGNORE = -100
 
 
+def as_sentinel_ids(sentinels) -> np.ndarray:
+    """A sentinel count (the ids SENTINEL_BASE.. of the project's own tokenizer) or the ids themselves
+    (a Hugging Face tokenizer's <extra_id_N>, e.g. T5's from the end of the vocabulary) -> int32 ids."""
+    if isinstance(sentinels, (int, np.integer)):
+        return np.arange(SENTINEL_BASE, SENTINEL_BASE + int(sentinels), dtype=np.int32)
+    return np.asarray(sentinels, dtype=np.int32)
+
+
 def _counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
     """(noise tokens, noise spans) for a sequence of `length` tokens."""
     n_noise = min(max(int(round(length * density)), 1), length - 1)
@@ -50,10 +58,11 @@ def noise_spans_rows(length: int, density: float, mean_span: float, u: np.ndarra
     return np.cumsum(keep, axis=1) + np.cumsum(noise, axis=1) - noise, noise
 
 
-def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, n_sentinels: int,
+def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, sentinels,
                       u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Span corruption of B equal-length rows at once; row i's noise comes from u[i] only.
 
+    sentinels: the sentinel ids in order (<extra_id_0> first), or their count (as_sentinel_ids).
     rows (B, L) ids without </s>, u (B, L-2) uniforms in [0, 1) -> inputs (B, L - noise + spans + 1)
     and targets (B, noise + spans + 1), every row ending in </s>.
     """
@@ -61,9 +70,10 @@ def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, n_sent
     starts, lens = noise_spans_rows(L, density, mean_span, u)
     n = starts.shape[1]
     n_noise = int(lens[0].sum())
-    if n > n_sentinels:
-        raise ValueError(f"{n} noise spans but only {n_sentinels} sentinel tokens")
-    sentinels = np.arange(SENTINEL_BASE, SENTINEL_BASE + n, dtype=np.int32)
+    ids = as_sentinel_ids(sentinels)
+    if n > len(ids):
+        raise ValueError(f"{n} noise spans but only {len(ids)} sentinel tokens")
+    sentinels = ids[:n]
     ar = np.arange(B)[:, None]
     before = np.cumsum(lens, axis=1) - lens                       # noise tokens before each span
     pos = np.repeat((starts - before).ravel(), lens.ravel()) + np.tile(np.arange(n_noise), B)
@@ -89,13 +99,14 @@ def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, n_sent
     return inp[keep].reshape(B, L + 1 - n_noise + n), tgt
 
 
-def span_corrupt(ids: np.ndarray, density: float, mean_span: float, n_sentinels: int,
+def span_corrupt(ids: np.ndarray, density: float, mean_span: float, sentinels,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """ids: tokens without the trailing </s>. Returns (input ids, target ids), both ending in </s>."""
     ids = np.asarray(ids, dtype=np.int32)
     if len(ids) < 2:
-        return np.append(ids, EOS_ID).astype(np.int32), np.array([SENTINEL_BASE, EOS_ID], dtype=np.int32)
-    inp, tgt = span_corrupt_rows(ids[None], density, mean_span, n_sentinels, rng.random((1, len(ids) - 2)))
+        first = as_sentinel_ids(sentinels)[:1]
+        return np.append(ids, EOS_ID).astype(np.int32), np.append(first, EOS_ID).astype(np.int32)
+    inp, tgt = span_corrupt_rows(ids[None], density, mean_span, sentinels, rng.random((1, len(ids) - 2)))
     return inp[0], tgt[0]
 
 

@@ -36,13 +36,16 @@ def chunks_per_block(n_docs: int, mean_tokens: float, raw_len: int) -> int:
     return max(1, int(round(n_docs * mean_tokens / raw_len)))
 
 
-def pack_block(docs: list, keys: list[str], n_chunks: int, raw_len: int):
+def pack_block(docs: list, keys: list[str], n_chunks: int, raw_len):
     """Documents (token arrays, or None for a bad one) -> n_chunks (key, tokens) and (dropped, repeated) counts.
 
+    raw_len: one length for every chunk, or one per chunk (UL2: each its denoiser's).
     A chunk's key is "<first document's key>@<token offset in it>".
     """
     good = [(k, d) for k, d in zip(keys, docs) if d is not None and len(d)]
-    need = n_chunks * raw_len
+    lengths = np.broadcast_to(np.asarray(raw_len, dtype=np.int64), (n_chunks,))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    need = int(offsets[-1])
     if not good:
         return [None] * n_chunks, (0, 0)
     lens = np.array([len(d) for _, d in good])
@@ -53,10 +56,10 @@ def pack_block(docs: list, keys: list[str], n_chunks: int, raw_len: int):
     starts_of_doc = np.concatenate([[0], np.cumsum(lens)])
     chunks = []
     for c in range(n_chunks):
-        a = c * raw_len
+        a = int(offsets[c])
         first = a % total
         d = int(np.searchsorted(starts_of_doc, first, side="right") - 1)
-        chunks.append((f"{good[d][0]}@{first - starts_of_doc[d]}", flat[a:a + raw_len]))
+        chunks.append((f"{good[d][0]}@{first - starts_of_doc[d]}", flat[a:int(offsets[c + 1])]))
     return chunks, (max(0, total - need), max(0, need - total))
 
 

@@ -18,7 +18,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data.corpus import CorpusError, read_records
-from data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from data.tokenizer import ensure_eos, load_tokenizer, sentinel_ids, tokenizer_hash, train_tokenizer
 from common.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
@@ -30,7 +30,8 @@ def _records(inputs, objective, fields):
 
 def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer: str | None = None,
             vocab_size: int = 8000, shard_size: int = 10000, text_field: str = "text", src_field: str = "src",
-            tgt_field: str = "tgt", overwrite: bool = False, progress: bool = True) -> dict:
+            tgt_field: str = "tgt", overwrite: bool = False, progress: bool = True, add_tokens=()) -> dict:
+    """add_tokens: special tokens appended to the vocabulary (e.g. UL2's mode tokens [NLU] [NLG] [S2S])."""
     if objective not in ("span", "pairs"):
         raise CorpusError(f"objective must be 'span' or 'pairs', got {objective!r}")
     if not inputs:
@@ -50,11 +51,19 @@ def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer:
         tok_path = os.path.join(tmp, "tokenizer.json")
         if tokenizer:
             src_tok = tokenizer if tokenizer.endswith(".json") else os.path.join(tokenizer, "tokenizer.json")
-            tok = load_tokenizer(src_tok)
-            shutil.copyfile(src_tok, tok_path)
+            tok = load_tokenizer(src_tok)          # ours, or a Hugging Face folder's (e.g. T5's)
+            if objective == "span" and not sentinel_ids(tok):
+                raise CorpusError(f"tokenizer {src_tok} has no sentinel tokens (<extra_id_0>, ...): span "
+                                  "corruption needs them; use --objective pairs or a tokenizer that has them")
+            changed = ensure_eos(tok)              # every prepared sequence must end with </s>
+            if _add_tokens(tok, add_tokens) or changed:
+                tok.save(tok_path)
+            else:
+                shutil.copyfile(src_tok, tok_path)
         else:
             texts = (t for rec in _records(inputs, objective, fields) for t in rec)
             tok = train_tokenizer(texts, vocab_size)
+            _add_tokens(tok, add_tokens)
             tok.save(tok_path)
         manifest = _write_shards(tok, _records(inputs, objective, fields), n_records, tmp, objective,
                                  shard_size, progress)
@@ -63,6 +72,14 @@ def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer:
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
     return manifest
+
+
+def _add_tokens(tok, tokens) -> bool:
+    """Appends the special tokens the tokenizer lacks; True when it changed."""
+    new = [t for t in tokens if tok.token_to_id(t) is None]
+    if new:
+        tok.add_special_tokens(new)
+    return bool(new)
 
 
 def _write_shards(tok, records, n_records, out, objective, shard_size, progress) -> dict:

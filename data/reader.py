@@ -56,7 +56,7 @@ class StreamReader:
         try:
             with closing(iter_samples(shard.url, skip)) as it:
                 for key, raw in islice(it, count):
-                    doc = decode(raw, self.comp.objective, shard.url, key)
+                    doc = decode(raw, "pairs" if self.comp.objective == "pairs" else "span", shard.url, key)
                     if isinstance(doc, str):
                         self.bad.add(shard.url, skip + n, 1, doc)
                         doc = None
@@ -102,12 +102,20 @@ class StreamReader:
         if spec.shuffle:
             perm = seeded_rng(spec.seed, self.c, e, self.v, b).permutation(n_docs)
             docs = [docs[k] for k in perm]
+        ul2 = self.comp.objective == "ul2"
         if geo.packed:
-            items, (dropped, repeated) = pack_block([d for _, d in docs], [k for k, _ in docs], n_items, spec.raw_len)
+            raw = spec.raw_len
+            if ul2:                                     # each chunk its denoiser's length, keyed by the block
+                ds = spec.ul2_plan.draw(seeded_rng(spec.seed, self.c, e, self.v, b, 13), n_items)
+                raw = [spec.ul2_plan.raw[d] for d in ds]
+            items, (dropped, repeated) = pack_block([d for _, d in docs], [k for k, _ in docs], n_items, raw)
+            if ul2:
+                items = [None if it is None else (*it, int(d)) for it, d in zip(items, ds)]
             self.stats["dropped_tokens"] += dropped
             self.stats["repeated_tokens"] += repeated
-        elif self.comp.objective == "span":
-            items = [(k, d[:spec.raw_len]) if d is not None else None for k, d in docs]
+        elif self.comp.objective != "pairs":
+            n = max(spec.ul2_plan.raw) if ul2 else spec.raw_len
+            items = [(k, d[:n]) if d is not None else None for k, d in docs]
         else:
             items = [(k, d) if d is not None else None for k, d in docs]
         self._blocks[(e, b)] = items
@@ -124,4 +132,4 @@ class StreamReader:
         it = self.item(i)
         if it is None:
             return 0
-        return len(it[1]) if self.comp.objective == "span" else len(it[1][0]) + len(it[1][1])
+        return len(it[1]) if self.comp.objective != "pairs" else len(it[1][0]) + len(it[1][1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data.mixture import Component
-from data.objectives import raw_length_for, span_target_length
+from data.objectives import as_sentinel_ids, raw_length_for, span_target_length
 from data.packing import chunks_per_block, mean_doc_tokens
 from data.sources import DataError
 
@@ -29,12 +29,15 @@ class StreamSpec:
     max_tgt_len: int = 128
     noise_density: float = 0.15
     mean_span_length: float = 3.0
-    n_sentinels: int = 100
+    n_sentinels: int = 100       # the project's tokenizer: sentinel ids SENTINEL_BASE.. (when sentinel_ids is empty)
+    sentinel_ids: list = field(default_factory=list)   # a tokenizer's <extra_id_0>, <extra_id_1>, ... ids
     shuffle: bool = True
     pack: bool = True
     bucket_window: int = 0
     max_bad_samples: int = 100
     components: list = field(default_factory=list)
+    ul2: list = field(default_factory=list)          # objective ul2: the denoisers (data/ul2.py; empty = default)
+    ul2_modes: list = field(default_factory=list)    # their mode token ids (-1 = none; empty = none at all)
 
     def __post_init__(self):
         if not self.components:
@@ -46,6 +49,19 @@ class StreamSpec:
                             f"data.num_streams={self.num_streams}")
         if len(self.components) > 1 and not self.shuffle:
             raise DataError("validation data must be a single dataset, not a mixture")
+        self.sentinels = list(self.sentinel_ids) or self.n_sentinels
+        if any(c.objective != "pairs" for c in self.components) and not len(as_sentinel_ids(self.sentinels)):
+            raise DataError("span corruption needs sentinel tokens, and the tokenizer has none "
+                            "(no <extra_id_0>; use one with <extra_id_N> tokens, e.g. one `encdec prepare` trains)")
+        self.ul2_plan = None
+        if any(c.objective == "ul2" for c in self.components):
+            from data.ul2 import Plan, parse_table     # only ul2 streams need the denoiser table
+            try:
+                table = parse_table(self.ul2)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            self.ul2_plan = Plan(table, self.ul2_modes, self.max_src_len, self.max_tgt_len,
+                                 len(as_sentinel_ids(self.sentinels)))
         self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
         self.geometry = [Geometry(self, c) for c in self.components]
         self.epoch_positions = self.num_streams * sum(g.P for g in self.geometry)
@@ -62,14 +78,15 @@ class Geometry:
             raise DataError(f"{self.N} samples in {comp.shards[0].url}... cannot fill data.num_streams={V} streams")
         self.n_blocks = -(-self.L // self.B)
         last = self.L - (self.n_blocks - 1) * self.B
-        self.packed = comp.objective == "span" and spec.pack
+        self.packed = comp.objective in ("span", "ul2") and spec.pack
         if self.packed:
             mean = mean_doc_tokens(comp.shards)
             if mean <= 0:
                 raise DataError(f"packing needs token counts in the manifest of {comp.shards[0].url} "
                                 "(or set data.pack=false)")
-            self.K = chunks_per_block(self.B, mean, spec.raw_len)
-            self.K_last = chunks_per_block(last, mean, spec.raw_len)
+            raw = spec.ul2_plan.mean_raw if comp.objective == "ul2" else spec.raw_len
+            self.K = chunks_per_block(self.B, mean, raw)
+            self.K_last = chunks_per_block(last, mean, raw)
         else:
             self.K, self.K_last = self.B, last
         self.P = (self.n_blocks - 1) * self.K + self.K_last

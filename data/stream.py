@@ -131,7 +131,7 @@ class Layout:
     def examples(self, gs: list[int]) -> list[dict]:
         """The examples at global positions gs. Packed span rows (all raw_len long) are corrupted
         together; each one's noise still depends on its own position only."""
-        spec, out, packed = self.spec, [], []
+        spec, out, packed, ul2 = self.spec, [], [], []
         for g in gs:
             if not spec.shuffle and g >= spec.epoch_positions:
                 out.append(placeholder())                          # validation: past the last sample
@@ -149,15 +149,26 @@ class Layout:
                 continue
             e, cursor = divmod(g, spec.epoch_positions)
             rng = self.noise_rng(spec.seed, c, e, cursor)
-            if spec.geometry[c].packed:
+            if comp.objective == "ul2":
+                plan = spec.ul2_plan
+                d = item[2] if spec.geometry[c].packed else int(plan.draw(rng, 1)[0])
+                row = item[1][:plan.raw[d]]
+                ul2.append((ex, row, d, plan.noise(d, len(row), rng)))
+                ex["denoiser"] = d
+            elif spec.geometry[c].packed:
                 packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
             else:
                 ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
-                                                    spec.n_sentinels, rng)
+                                                    spec.sentinels, rng)
         if packed:
             src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
-                                         spec.n_sentinels, np.stack([p[2] for p in packed]))
+                                         spec.sentinels, np.stack([p[2] for p in packed]))
             for (ex, _, _), x, y in zip(packed, src, tgt):
+                ex["src"], ex["tgt"] = x, y
+        if ul2:
+            made = spec.ul2_plan.examples([u[1] for u in ul2], [u[2] for u in ul2], [u[3] for u in ul2],
+                                          spec.sentinels)
+            for (ex, *_), (x, y) in zip(ul2, made):
                 ex["src"], ex["tgt"] = x, y
         return out
 

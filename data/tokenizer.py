@@ -3,6 +3,10 @@
 Special ids are fixed so the model, the data and the exported Hugging Face model agree:
     0 <pad>   1 </s> (eos)   2 <unk>   3.. <extra_id_0>, <extra_id_1>, ... (span-corruption sentinels)
 Every encoded sequence ends with </s> (a post-processor appends it).
+
+A Hugging Face tokenizer (a folder with tokenizer.json, e.g. T5's) is used as it is, provided
+<pad> </s> <unk> are 0 1 2; its sentinels are its own <extra_id_N> tokens wherever they sit
+(T5's count down from the end of the vocabulary: <extra_id_0> = 32099): sentinel_ids(tok).
 """
 from __future__ import annotations
 
@@ -56,11 +60,24 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tok
 
 
+def sentinel_ids(tok: Tokenizer) -> list[int]:
+    """The ids of <extra_id_0>, <extra_id_1>, ... (up to the first one missing), wherever they are."""
+    out = []
+    while (i := tok.token_to_id(sentinel(len(out)))) is not None:
+        out.append(int(i))
+    return out
+
+
 def num_sentinels(tok: Tokenizer) -> int:
-    n = 0
-    while tok.token_to_id(sentinel(n)) == SENTINEL_BASE + n:
-        n += 1
-    return n
+    return len(sentinel_ids(tok))
+
+
+def ensure_eos(tok: Tokenizer) -> bool:
+    """Makes every encoding end with </s> (as prepared data must); True when a post-processor was added."""
+    if tok.encode("a").ids[-1:] == [EOS_ID]:
+        return False
+    _with_post_processor(tok)
+    return True
 
 
 def tokenizer_hash(path: str) -> str:

@@ -1,4 +1,4 @@
-"""`encdec` command: prepare | train | plan | convert | import | generate | plot.
+"""`encdec` command: prepare | train | plan | convert | import | generate | eval | plot.
 
 Every expected failure (bad config, missing or bad input, bad checkpoint) ends with one line
 `encdec: error: ...` naming the file/key/value, and exit status 2.
@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from data.corpus import CorpusError
+from data.sources import DataError
 from launcher.checkpoint.format import CheckpointError
 from launcher.config import ConfigError, load_config
 from launcher.signals import StopSignal
@@ -22,7 +23,8 @@ def _prepare(a) -> int:
     from data.prepare import prepare
     man = prepare(a.inputs, a.out, objective=a.objective, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                   shard_size=a.shard_size, text_field=a.text_field, src_field=a.src_field,
-                  tgt_field=a.tgt_field, overwrite=a.overwrite, progress=not a.quiet)
+                  tgt_field=a.tgt_field, overwrite=a.overwrite, progress=not a.quiet,
+                  add_tokens=[t for t in (a.add_tokens or "").split(",") if t])
     print(f"prepared {man['num_samples']} samples, {man['num_tokens']} tokens in {len(man['shards'])} shards -> {a.out}")
     return 0
 
@@ -65,6 +67,15 @@ def _generate(a) -> int:
     return 0
 
 
+def _eval(a) -> int:
+    from launcher.hf.evaluate import run, table
+    res = run(a.model_dir, a.data, a.json, objective=a.objective, batch_size=a.batch_size, num_beams=a.num_beams,
+              max_generate=a.max_generate)
+    print(table(res))
+    print(f"wrote {a.json}")
+    return 0
+
+
 def _plot(a) -> int:
     from launcher.monitor.plot import plot
     for p in plot(a.run_dir):
@@ -86,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+")
     s.add_argument("--out", required=True)
     s.add_argument("--objective", choices=["span", "pairs"], default="span")
-    s.add_argument("--tokenizer", help="reuse this tokenizer.json (or a prepared folder) instead of training one")
+    s.add_argument("--tokenizer", help="reuse this tokenizer.json, a prepared folder or a Hugging Face model folder "
+                                       "(e.g. T5's) instead of training one")
+    s.add_argument("--add-tokens", help="comma-separated special tokens to add (e.g. UL2's \"[NLU],[NLG],[S2S]\")")
     s.add_argument("--vocab-size", type=int, default=8000)
     s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     s.add_argument("--text-field", default="text")
@@ -109,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true", help="skip the sha256 check (sizes are always checked)")
     s.set_defaults(fn=_convert)
 
-    s = sub.add_parser("import", help="Hugging Face Pegasus/Marian folder -> a checkpoint to continue pretraining")
+    s = sub.add_parser("import", help="Hugging Face Pegasus/Marian/T5 folder -> a checkpoint to continue pretraining")
     s.add_argument("hf_dir")
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
@@ -132,6 +145,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab", type=int, default=32000, help="vocabulary size when the config leaves it to the tokenizer")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_plan)
+    s = sub.add_parser("eval", help="loss/perplexity (and BLEU/chrF for pairs) of a converted model on prepared shards")
+    s.add_argument("model_dir")
+    s.add_argument("data", help="a prepared folder, manifest or shard pattern (as data.valid)")
+    s.add_argument("--objective", choices=["pairs", "span", "ul2"], help="default: the run's data.objective")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    s.add_argument("--max-generate", type=int, default=256, help="pairs: sources decoded and scored")
+    s.add_argument("--json", default="eval.json", help="where the results are written")
+    s.set_defaults(fn=_eval)
 
     s = sub.add_parser("plot", help="PNG curves from a run folder's metrics.jsonl")
     s.add_argument("run_dir")
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CorpusError, CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"encdec: error: {msg}", file=sys.stderr)
         return 2

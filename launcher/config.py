@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from data.mixture import parse_mixture
+from data.ul2 import Denoiser
+from model import check_model_config
 from model.transformer import ModelConfig
 
 
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = ""                 # shard pattern (dir, brace pattern, pipe:, s3://...) or prepared dir
     valid: str = ""                 # held-out shards; empty = no evaluation
-    objective: str = "pairs"        # pairs | span
+    objective: str = "pairs"        # pairs | span | ul2
     max_src_len: int = 128          # encoder length (also the packing length for span)
     max_tgt_len: int = 128
     noise_density: float = 0.15     # span corruption: fraction of tokens masked
@@ -42,6 +44,7 @@ class DataConfig:
     pack: bool = True               # span: concatenate documents to fill max_src_len
     bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
     tokenizer: str = ""             # tokenizer.json, when data.train is not a local prepared folder
+    ul2: list[Denoiser] = field(default_factory=list)  # objective ul2: the denoisers (empty = data/ul2.py's default)
 
 
 @dataclass
@@ -148,12 +151,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
             return "" if value is None else str(value)
+        args = typing.get_args(typ)
+        if origin is list and args and dataclasses.is_dataclass(args[0]):     # a list of typed entries
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            return [v if isinstance(v, args[0]) else _build(args[0], v, f"{key}[{i}].") for i, v in enumerate(value)]
         if origin in (tuple, list):
             if isinstance(value, str):
                 value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
             return origin(value) if origin is list else tuple(float(v) for v in value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"config key '{key}': cannot read {value!r} as {getattr(origin, '__name__', origin)}")
     return value
@@ -251,16 +261,26 @@ def validate(cfg: RunConfig) -> None:
     (which needs the world size) is checked once per start by launcher.parallel.dims.validate_layout."""
     m, t, d, o, p = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.parallel
     _check(m.d_model > 0, "model.d_model", f"must be > 0, got {m.d_model}")
-    _check(m.n_heads > 0 and m.d_model % m.n_heads == 0, "model.n_heads",
-           f"{m.n_heads} heads do not divide model.d_model={m.d_model}")
-    _check((m.d_model // m.n_heads) % 2 == 0 and m.d_model % 2 == 0, "model.d_model",
-           f"{m.d_model} must be even (sinusoidal positions)")
+    for key, msg in check_model_config(m):                   # model.arch and the t5 settings
+        _check(False, key, msg)
+    if m.arch != "t5":                                       # t5: heads of model.head_dim, no sinusoids
+        _check(m.n_heads > 0 and m.d_model % m.n_heads == 0, "model.n_heads",
+               f"{m.n_heads} heads do not divide model.d_model={m.d_model}")
+        _check((m.d_model // m.n_heads) % 2 == 0 and m.d_model % 2 == 0, "model.d_model",
+               f"{m.d_model} must be even (sinusoidal positions)")
     _check(m.norm in ("pre", "post"), "model.norm", f"must be 'pre' or 'post', got {m.norm!r}")
     _check(m.activation in ("relu", "gelu"), "model.activation", f"must be relu or gelu, got {m.activation!r}")
     _check(m.n_encoder_layers > 0 and m.n_decoder_layers > 0, "model.n_encoder_layers",
            "encoder and decoder need at least one layer")
     _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    _check(d.objective in ("pairs", "span"), "data.objective", f"must be 'pairs' or 'span', got {d.objective!r}")
+    _check(d.objective in ("pairs", "span", "ul2"), "data.objective",
+           f"must be pairs, span or ul2, got {d.objective!r}")
+    if d.ul2 or d.objective == "ul2":
+        from data.ul2 import parse_table
+        try:
+            parse_table(d.ul2)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check(0 < d.noise_density < 1, "data.noise_density", f"must be in (0, 1), got {d.noise_density}")
     _check(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
     _check(d.num_streams > 0, "data.num_streams", f"must be > 0, got {d.num_streams}")

@@ -103,7 +103,7 @@ def hf_config(c: ModelConfig, max_length: int = 256):
 def model_config_from_hf(hf_cfg) -> ModelConfig:
     norm = {"pegasus": "pre", "marian": "post"}.get(hf_cfg.model_type)
     if norm is None:
-        raise ValueError(f"model_type '{hf_cfg.model_type}' is not supported (pegasus or marian)")
+        raise ValueError(f"model_type '{hf_cfg.model_type}' is not supported (pegasus, marian or t5)")
     return ModelConfig(vocab_size=hf_cfg.vocab_size, real_vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.d_model,
                        n_heads=hf_cfg.encoder_attention_heads, d_ff=hf_cfg.encoder_ffn_dim,
                        n_encoder_layers=hf_cfg.encoder_layers, n_decoder_layers=hf_cfg.decoder_layers, norm=norm,

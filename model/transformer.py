@@ -42,6 +42,12 @@ class ModelConfig:
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_id: int = 0    # the decoder input starts with <pad>, as in Pegasus and Marian
+    # arch t5 (model/t5.py): T5 v1.1. The fields below are used by t5 only.
+    arch: str = "transformer"    # transformer | t5
+    head_dim: int = 0            # t5: per-head width (HF d_kv); 0 = d_model // n_heads
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    tie_embeddings: bool = False  # t5: output projection tied to the embedding (original T5, h * d_model^-0.5)
 
 
 def padded_vocab(n: int, multiple: int) -> int:

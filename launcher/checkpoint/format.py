@@ -15,6 +15,7 @@ optimizer.safetensors], written by `encdec import`), or hf (a Hugging Face folde
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -28,7 +29,8 @@ PARTIAL = ".partial"
 # model settings that must agree between a checkpoint and the run resuming it (dropout may change)
 ARCH_KEYS = ("real_vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers",
              "n_decoder_layers", "norm", "activation", "max_positions", "layer_norm_eps", "pad_id", "eos_id",
-             "decoder_start_id")
+             "decoder_start_id", "arch", "head_dim", "relative_attention_num_buckets",
+             "relative_attention_max_distance", "tie_embeddings")
 
 
 class CheckpointError(RuntimeError):
@@ -91,7 +93,10 @@ def verify_files(tag_dir: str, state: dict, rank: int = 0, world: int = 1, full:
 
 def check_compatible(saved_cfg: dict, mc, where: str) -> None:
     """Raises naming every model setting that differs between the checkpoint and this run."""
-    saved = saved_cfg.get("model", {})
+    saved = dict(saved_cfg.get("model", {}))
+    if saved.get("head_dim") == 0 or mc.head_dim == 0:      # 0 = d_model // n_heads: compare the widths
+        saved["head_dim"] = saved.get("head_dim") or saved.get("d_model", 0) // max(saved.get("n_heads", 1), 1)
+        mc = dataclasses.replace(mc, head_dim=mc.head_dim or mc.d_model // mc.n_heads)
     diff = [f"model.{k}={saved.get(k)!r} in the checkpoint, {getattr(mc, k)!r} in this run"
             for k in ARCH_KEYS if k in saved and saved[k] != getattr(mc, k)]
     # the padded vocabulary may differ (another tp or vocab_multiple): rows past the real vocabulary are padding

@@ -1,4 +1,4 @@
-"""A Hugging Face Pegasus or Marian folder read as a checkpoint to start from (format "hf").
+"""A Hugging Face Pegasus, Marian or T5 (v1.1 layout) folder read as a checkpoint to start from (format "hf").
 
 hf_state(HF_DIR) validates the folder and describes it for reader.CheckpointReader: our model
 config, and for every parameter of ours the file and tensor name holding it (the explicit key map
@@ -65,6 +65,11 @@ def hf_state(hf_dir: str) -> dict:
     hf_dir = os.path.abspath(hf_dir)
     try:
         hcfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{hf_dir}/config.json: {str(e).splitlines()[0]}") from None
+    if hcfg.model_type in ("t5", "mt5"):
+        return _t5_state(hf_dir, hcfg)
+    try:
         mc = model_config_from_hf(hcfg)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{hf_dir}/config.json: {str(e).splitlines()[0]}") from None
@@ -91,6 +96,10 @@ def hf_state(hf_dir: str) -> dict:
         names = from_hf_state_dict({k: k for k in files}, mc)     # our name -> HF name (tied/fixed ones dropped)
     except KeyError as e:
         raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
+    return _state(hf_dir, mc, files, names)
+
+
+def _state(hf_dir: str, mc, files: dict, names: dict) -> dict:
     weights = {ours: (files[k], k) for ours, k in names.items()}
     mc.vocab_multiple = mc.vocab_size          # a config with these settings pads the tokenizer to this size
     cfg = RunConfig(model=mc)
@@ -98,3 +107,31 @@ def hf_state(hf_dir: str) -> dict:
     cfg.data.max_tgt_len = min(cfg.data.max_tgt_len, mc.max_positions - 1)
     return {"format": "hf", "step": 0, "tokens_seen": 0, "data": None, "layout": None,
             "config": config_to_dict(cfg), "weights": weights, "source": hf_dir}
+
+
+def _t5_state(hf_dir: str, hcfg) -> dict:
+    """hf_state of a T5ForConditionalGeneration folder (model.arch=t5, the key map of model/t5_hf.py)."""
+    from model.t5_hf import hf_tied, model_config_from_hf as t5_config, from_hf_state_dict as t5_names
+    try:
+        mc = t5_config(hcfg)
+    except ValueError as e:
+        raise CheckpointError(f"{hf_dir}/config.json: {e}") from None
+    files, cache = _weights_index(hf_dir), {}
+    if "shared.weight" not in files:
+        raise CheckpointError(f"{hf_dir}: no shared.weight (the token embedding)")
+    shared = _tensor(files, cache, "shared.weight")
+    for k in hf_tied(mc):
+        if k in files and not torch.equal(_tensor(files, cache, k), shared):
+            raise CheckpointError(f"{hf_dir}: {k} differs from shared.weight, but tie_word_embeddings is true "
+                                  "(the head's d_model^-0.5 rescale applies to tied heads only)")
+    if not mc.tie_embeddings and "lm_head.weight" not in files:
+        raise CheckpointError(f"{hf_dir}: tie_word_embeddings=false but the folder has no lm_head.weight")
+    try:
+        names = t5_names({k: k for k in files}, mc)
+    except KeyError as e:
+        raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
+    tok = os.path.join(hf_dir, "tokenizer.json")
+    if os.path.isfile(tok):                    # T5 pads its 32100 tokens to 32128 rows; the run counts tokens
+        from data.tokenizer import load_tokenizer
+        mc.real_vocab_size = load_tokenizer(tok).get_vocab_size()
+    return _state(hf_dir, mc, files, names)

@@ -32,7 +32,7 @@ import torch
 from launcher.checkpoint.format import CheckpointError, load_pt, read_state
 from launcher.config import config_from_dict
 from launcher.parallel.plan import shard_dims
-from model.transformer import Transformer
+from model import build
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -301,7 +301,7 @@ def meta_model(mc):
     # values do not matter here, so the initialisation and the position table are skipped
     with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *a, **k: t), \
             mock.patch("model.transformer.sinusoid_table", lambda n, d: torch.empty(n, d)):
-        return Transformer(mc)
+        return build(mc)                      # model.arch: the seed Transformer or T5
 
 
 def model_shapes(mc) -> dict[str, tuple]:

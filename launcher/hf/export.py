@@ -1,7 +1,8 @@
 """`encdec convert CHECKPOINT OUT`: a training checkpoint (any ZeRO stage, any TP degree) -> a Hugging Face folder.
 
 OUT holds config.json, model.safetensors, generation_config.json and the tokenizer, loadable by
-AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers.
+AutoModelForSeq2SeqLM / AutoTokenizer.from_pretrained(OUT) with stock transformers, and a model
+card (README.md, card.py) with the effective config (encdec_config.yaml).
 
 Offline, one process, bounded memory: the weights are read one parameter at a time from the
 checkpoint's files (memory-mapped, launcher/checkpoint/reader.py: the optimizer state is never read)
@@ -21,14 +22,16 @@ from common.atomic import atomic_dir
 from data.tokenizer import save_hf_tokenizer
 from launcher.checkpoint.format import CheckpointError, read_state, resolve_checkpoint, verify_files
 from launcher.checkpoint.reader import CheckpointReader
-from launcher.config import config_from_dict
+from launcher.config import config_from_dict, config_to_dict
+from launcher.hf.card import write_card
 from launcher.hf.st_writer import StreamingSafetensorsWriter
-from model.hf_adapter import hf_class_name, hf_config, hf_fixed_tensors, hf_key_map
+from model import count_parameters, hf_adapter_for
 
 
 def _hf_tensors(reader: CheckpointReader, mc):
     """(specs, iterator of (HF name, tensor)) for model.safetensors, one parameter at a time."""
-    keys, extra = hf_key_map(mc), hf_fixed_tensors(mc)
+    adapter = hf_adapter_for(mc)                   # model.arch: Pegasus / Marian, or T5ForConditionalGeneration
+    keys, extra = adapter.hf_key_map(mc), adapter.hf_fixed_tensors(mc)
     specs = [(keys[n], torch.float32, s) for n, s in reader.shapes.items()]
     specs += [(k, torch.float32, tuple(v.shape)) for k, v in extra.items()]
 
@@ -66,14 +69,24 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
     reader = CheckpointReader(tag_dir, state)
     with atomic_dir(out) as tmp:
         from transformers import GenerationConfig     # deferred: transformers takes seconds to import
-        hcfg = hf_config(mc)
-        hcfg.architectures = [hf_class_name(mc)]
+        adapter = hf_adapter_for(mc)
+        hcfg = adapter.hf_config(mc)
+        hcfg.architectures = [adapter.hf_class_name(mc)]
         hcfg.save_pretrained(tmp)
+        overrides = getattr(adapter, "config_json_overrides", lambda c: {})(mc)
+        if overrides:                          # T5: the head's tying as every transformers version reads it
+            path = os.path.join(tmp, "config.json")
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({**saved, **overrides}, f, indent=2, sort_keys=True)
         GenerationConfig(decoder_start_token_id=mc.decoder_start_id, eos_token_id=mc.eos_id, pad_token_id=mc.pad_id,
                          bos_token_id=mc.decoder_start_id,
                          max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
         write_hf_weights(reader, os.path.join(tmp, "model.safetensors"), progress=progress)
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
+        write_card(tmp, cfg, state, os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root,
+                   adapter.hf_class_name(mc), count_parameters(mc), config_to_dict(cfg))
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:
             json.dump({"checkpoint": tag_dir, "step": state["step"]}, f)
     return out

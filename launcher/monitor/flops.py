@@ -55,10 +55,13 @@ def forward_macs(model_cfg, src_len: int, tgt_len: int) -> int:
     """Forward multiply-accumulates of ONE sample with these source/target lengths."""
     D, F, V = model_cfg.d_model, model_cfg.d_ff, model_cfg.vocab_size
     S, T = int(src_len), int(tgt_len)
-    enc_layer = S * (4 * D * D + 2 * D * F) + 2 * S * S * D
-    dec_self = T * 4 * D * D + 2 * T * T * D
-    dec_cross = 2 * T * D * D + 2 * S * D * D + 2 * T * S * D
-    dec_ffn = T * 2 * D * F
+    t5 = getattr(model_cfg, "arch", "transformer") == "t5"
+    I = model_cfg.n_heads * model_cfg.head_dim if t5 and model_cfg.head_dim else D   # attention width
+    nF = 3 if t5 else 2                                  # t5: gated FFN (wi_0, wi_1, wo)
+    enc_layer = S * (4 * D * I + nF * D * F) + 2 * S * S * I
+    dec_self = T * 4 * D * I + 2 * T * T * I
+    dec_cross = 2 * T * D * I + 2 * S * D * I + 2 * T * S * I
+    dec_ffn = T * nF * D * F
     output = T * D * V
     return (model_cfg.n_encoder_layers * enc_layer
             + model_cfg.n_decoder_layers * (dec_self + dec_cross + dec_ffn) + output)

@@ -29,9 +29,16 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from launcher.parallel.dims import Mesh
+from launcher.parallel import plan_t5
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                   VocabParallelLinearCrossEntropy, copy_to_tp)
 from model.transformer import Attention, FeedForward, Transformer
+
+
+def _is_t5(model: nn.Module) -> bool:
+    """model.arch=t5 has its own plan (plan_t5.py); the rest of this file is the Transformer's."""
+    return getattr(getattr(model, "config", None), "arch", "transformer") == "t5"
+
 
 # (module class, child linear, partition dim of its weight, is its bias sharded)
 _PLAN = [
@@ -45,6 +52,8 @@ def shard_dims(model: nn.Module) -> dict[str, int]:
 
     The same for the unsharded and the parallelized model (the module paths do not change).
     """
+    if _is_t5(model):
+        return plan_t5.shard_dims(model)
     dims = {"embed.weight": 0}
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -140,7 +149,7 @@ def parallelize(model: Transformer, mesh: Mesh, activation_checkpointing: bool =
     checkpointing, in place; returns the model.
     The layout was checked once, before any process group (dims.validate_layout)."""
     if mesh.tp > 1:
-        _apply_tp(model, mesh.tp_group)
+        (plan_t5.apply_tp if _is_t5(model) else _apply_tp)(model, mesh.tp_group)
     if compile:
         compile_layers(model)
     if activation_checkpointing:

@@ -20,7 +20,8 @@ from launcher.dist_env import DistEnv
 from launcher.parallel.dims import Mesh
 from launcher.parallel.plan import parallelize
 from launcher.training.schedule import lr_multiplier
-from model.transformer import DecoderLayer, EncoderLayer, Transformer
+from model import build
+from model.transformer import Transformer
 
 
 def init_distributed(env: DistEnv, timeout_s: int) -> str:
@@ -37,7 +38,7 @@ def init_distributed(env: DistEnv, timeout_s: int) -> str:
 
 
 def build_model(cfg: RunConfig) -> Transformer:
-    model = Transformer(cfg.model)
+    model = build(cfg.model)                          # model.arch: the seed Transformer or T5
     model.criterion.label_smoothing = cfg.train.label_smoothing
     return model
 
@@ -47,7 +48,8 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: str):
     o = cfg.optim
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        (decay if p.ndim >= 2 and "embed" not in name and "relative_attention_bias" not in name
+         else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                             fused=device.startswith("cuda"))
@@ -99,7 +101,7 @@ def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
         if cfg.train.compile:
             # a whole layer's parameters are gathered by its (eager) pre-forward hook: no ZeRO
             # hooks inside the compiled code
-            set_z3_leaf_modules(model, [EncoderLayer, DecoderLayer])
+            set_z3_leaf_modules(model, [type(model.encoder[0]), type(model.decoder[0])])
     optimizer, scheduler = build_optimizer(cfg, model, device)
     n_local = sum(p.numel() for p in model.parameters())
     engine, _, _, scheduler = deepspeed.initialize(

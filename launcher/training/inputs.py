@@ -16,7 +16,7 @@ from data.mixture import Component, check_data, find_tokenizer
 from data.sources import DataError
 from data.stream import DataStream
 from data.spec import StreamSpec
-from data.tokenizer import load_tokenizer, num_sentinels
+from data.tokenizer import load_tokenizer, sentinel_ids
 from launcher.config import ConfigError, RunConfig
 from model.transformer import ModelConfig, padded_vocab
 
@@ -28,6 +28,8 @@ class Inputs:
     n_sentinels: int
     train: list[Component]
     valid: list[Component] | None   # None: no evaluation data
+    sentinel_ids: list = dataclasses.field(default_factory=list)   # the tokenizer's <extra_id_0>, ... ids
+    ul2_modes: list = dataclasses.field(default_factory=list)      # data.ul2's mode token ids (-1: none)
 
     def stream(self, cfg: RunConfig, which: str, dp_rank: int, dp: int, global_batch: int | None = None
                ) -> DataStream:
@@ -39,7 +41,8 @@ class Inputs:
         spec = StreamSpec(components=components, num_streams=d.num_streams, shuffle_block=d.shuffle_block,
                           seed=d.seed, global_batch=global_batch or cfg.train.global_batch_size,
                           max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len, noise_density=d.noise_density,
-                          mean_span_length=d.mean_span_length, n_sentinels=self.n_sentinels, shuffle=shuffle,
+                          mean_span_length=d.mean_span_length, n_sentinels=self.n_sentinels,
+                          sentinel_ids=self.sentinel_ids, ul2=d.ul2, ul2_modes=self.ul2_modes, shuffle=shuffle,
                           pack=d.pack, bucket_window=d.bucket_window, max_bad_samples=d.max_bad_samples)
         return DataStream(spec, dp_rank, dp, cfg.train.micro_batch_size, d.num_workers)
 
@@ -60,5 +63,13 @@ def resolve_inputs(cfg: RunConfig) -> Inputs:
         raise ConfigError(str(e)) from None
     tok = load_tokenizer(tok_path)
     cfg.model = model_config(cfg, tok.get_vocab_size())
-    return Inputs(tokenizer_path=tok_path, vocab=tok.get_vocab_size(), n_sentinels=num_sentinels(tok),
-                  train=train, valid=valid)
+    modes = []
+    if any(c.objective == "ul2" for c in train + (valid or [])):
+        from data.ul2 import mode_ids, parse_table      # the denoisers' mode tokens, from this tokenizer
+        try:
+            modes = mode_ids(parse_table(cfg.data.ul2), tok.token_to_id)
+        except DataError as e:
+            raise ConfigError(f"{e} ({tok_path})") from None
+    ids = sentinel_ids(tok)
+    return Inputs(tokenizer_path=tok_path, vocab=tok.get_vocab_size(), n_sentinels=len(ids),
+                  train=train, valid=valid, sentinel_ids=ids, ul2_modes=modes)

@@ -36,7 +36,7 @@ from launcher.signals import StopSignal
 from launcher.training.engine import all_reduce, autocast, build_engine, init_distributed, to_device
 from launcher.training.evaluate import evaluate
 from launcher.training.inputs import Inputs
-from model.transformer import count_parameters
+from model import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
 

@@ -1,0 +1,242 @@
+"""T5 v1.1 (model.arch=t5), in one file: the layout of Hugging Face's T5ForConditionalGeneration.
+
+Shapes: B batch, S source length, T target length, D d_model, H heads, Dk head_dim (HF d_kv),
+F d_ff, V vocabulary.
+
+    src (B, S) --embed--> x --N x [x + attn(rms x, bias_enc); x + ffn(rms x)]--> rms --> memory (B, S, D)
+    tgt (B, T) --embed--> y --N x [self(bias_dec, causal); cross(memory); ffn]--> rms --> h (B, T, D)
+    h --lm_head (untied; or tied: embed.weight^T after h * D^-0.5)--> logits (B, T, V)
+
+T5 v1.1 differs from the seed Transformer in: RMS norm (a scale, no bias, no mean), pre-norm,
+no bias in any linear layer, no embedding scaling, no absolute positions but a relative position
+bias: the signed distance key - query is bucketed (exact for small distances, logarithmic up to
+max_distance), each bucket has a learned scalar per head, added to the attention scores. The
+table lives in the first layer of each stack; the bias it gives is computed once per stack and
+shared by every layer (bidirectional buckets in the encoder, causal in the decoder; none in
+cross-attention). Scores are not scaled by Dk^-0.5 (the initialisation absorbs it). The FFN is
+gated GELU: wo(gelu_tanh(wi_0 x) * wi_1 x). Dropout where Hugging Face puts it: on the
+embeddings, on attention probabilities, inside the FFN, on every residual branch and after each
+stack's final norm. The padded vocabulary rows carry no logit bias (T5's own 32128-row table has
+28 unused rows too): the model computes the function of the exported T5ForConditionalGeneration.
+
+As the seed model: the model knows nothing of parallelism; attention reads its local head count
+from q.out_features and the bias table's width, the embedding goes through self.embed, the
+output projection through self.lm_head (or self.embed), the loss through self.criterion.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.transformer import CrossEntropy, ModelConfig
+
+
+def head_dim(c: ModelConfig) -> int:
+    return c.head_dim or c.d_model // c.n_heads
+
+
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """rel = key position - query position (any int shape) -> bucket ids in [0, num_buckets).
+
+    Bidirectional: half the buckets for keys after the query. Causal: keys after the query all
+    fall in bucket 0 (masked anyway). Of the rest, half are exact distances, half logarithmic
+    bins up to max_distance (beyond it: the last bucket). The formula of Mesh TensorFlow / HF.
+    """
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, the variance in fp32 (T5LayerNorm)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without biases or score scaling; the position bias enters as SDPA's float mask.
+
+    relative_attention_bias (num_buckets, H) is held by the first layer of each stack only.
+    """
+
+    def __init__(self, c: ModelConfig, has_bias_table: bool = False):
+        super().__init__()
+        self.head_dim = head_dim(c)
+        inner = c.n_heads * self.head_dim
+        self.q = nn.Linear(c.d_model, inner, bias=False)
+        self.k = nn.Linear(c.d_model, inner, bias=False)
+        self.v = nn.Linear(c.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, c.d_model, bias=False)
+        self.dropout = c.dropout
+        self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
+        if has_bias_table:
+            self.relative_attention_bias = nn.Embedding(self.num_buckets, c.n_heads)
+
+    def position_bias(self, q_len: int, k_len: int, bidirectional: bool) -> torch.Tensor:
+        """(1, H_local, q_len, k_len) float: the bias of every head held here."""
+        table = self.relative_attention_bias
+        ctx = torch.arange(q_len, device=table.weight.device)[:, None]
+        mem = torch.arange(k_len, device=table.weight.device)[None, :]
+        b = relative_position_bucket(mem - ctx, bidirectional, self.num_buckets, self.max_distance)
+        return table(b).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x, kv, mask=None):
+        # x (B, T, D) queries; kv (B, S, D); mask: additive float (1|B, H|1, T, S) or bool (B, 1, 1, S)
+        B, T, _ = x.shape
+        S = kv.shape[1]
+        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, Dk)
+        k = self.k(kv).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.v(kv).view(B, S, -1, self.head_dim).transpose(1, 2)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class GatedFeedForward(nn.Module):
+    """wo(dropout(gelu_tanh(wi_0 x) * wi_1 x)): T5 v1.1's gated-GELU (HF feed_forward_proj="gated-gelu")."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
+
+
+class T5EncoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, first: bool):
+        super().__init__()
+        self.self_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.self_attn = T5Attention(c, has_bias_table=first)
+        self.ffn_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.ffn = GatedFeedForward(c)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, bias):
+        h = self.self_norm(x)
+        x = x + self.drop(self.self_attn(h, h, bias))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class T5DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, first: bool):
+        super().__init__()
+        self.self_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.self_attn = T5Attention(c, has_bias_table=first)
+        self.cross_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.cross_attn = T5Attention(c)
+        self.ffn_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.ffn = GatedFeedForward(c)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, y, memory, bias, src_mask):
+        h = self.self_norm(y)
+        y = y + self.drop(self.self_attn(h, h, bias))
+        y = y + self.drop(self.cross_attn(self.cross_norm(y), memory, src_mask))
+        return y + self.drop(self.ffn(self.ffn_norm(y)))
+
+
+class T5(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        if c.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        self.config = c
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)       # shared by encoder and decoder inputs
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = nn.ModuleList(T5EncoderLayer(c, i == 0) for i in range(c.n_encoder_layers))
+        self.decoder = nn.ModuleList(T5DecoderLayer(c, i == 0) for i in range(c.n_decoder_layers))
+        self.encoder_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.decoder_norm = RMSNorm(c.d_model, c.layer_norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.criterion = CrossEntropy()       # over the whole (padded) vocabulary, as HF T5's loss
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """T5's initialisation (Mesh TensorFlow / HF _init_weights with factor 1)."""
+        c, dk = self.config, head_dim(self.config)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=1.0)
+        for m in self.modules():
+            if isinstance(m, T5Attention):
+                nn.init.normal_(m.q.weight, std=(c.d_model * dk) ** -0.5)
+                nn.init.normal_(m.k.weight, std=c.d_model ** -0.5)
+                nn.init.normal_(m.v.weight, std=c.d_model ** -0.5)
+                nn.init.normal_(m.o.weight, std=(c.n_heads * dk) ** -0.5)
+                if hasattr(m, "relative_attention_bias"):
+                    nn.init.normal_(m.relative_attention_bias.weight, std=c.d_model ** -0.5)
+            elif isinstance(m, GatedFeedForward):
+                nn.init.normal_(m.wi_0.weight, std=c.d_model ** -0.5)
+                nn.init.normal_(m.wi_1.weight, std=c.d_model ** -0.5)
+                nn.init.normal_(m.wo.weight, std=c.d_ff ** -0.5)
+
+    def encode(self, src_ids, src_mask):
+        # src_mask (B, S) bool, True = real token. Bias (1, H, S, S) + key padding -> (B, H, S, S)
+        S = src_ids.shape[1]
+        bias = self.encoder[0].self_attn.position_bias(S, S, bidirectional=True)
+        bias = bias.masked_fill(~src_mask[:, None, None, :], float("-inf"))
+        x = self.drop(self.embed(src_ids))
+        for layer in self.encoder:
+            x = layer(x, bias)
+        return self.drop(self.encoder_norm(x))
+
+    def decode(self, tgt_ids, memory, src_mask):
+        # Causal bias (1, H, T, T). Targets are right-padded: causality keeps real positions off padding.
+        T = tgt_ids.shape[1]
+        bias = self.decoder[0].self_attn.position_bias(T, T, bidirectional=False)
+        future = torch.ones(T, T, dtype=torch.bool, device=tgt_ids.device).triu(1)
+        bias = bias.masked_fill(future, float("-inf"))
+        mask = src_mask[:, None, None, :]
+        y = self.drop(self.embed(tgt_ids))
+        for layer in self.decoder:
+            y = layer(y, memory, bias, mask)
+        return self.drop(self.decoder_norm(y))
+
+    def logits(self, h):
+        if self.lm_head is None:                              # original T5: tied, rescaled
+            return F.linear(h * self.config.d_model ** -0.5, self.embed.weight)
+        return self.lm_head(h)
+
+    def forward(self, src_ids, src_mask, tgt_ids, labels=None):
+        """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count."""
+        logits = self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
+        return logits if labels is None else self.criterion(logits, labels)
+
+
+def count_parameters(c: ModelConfig) -> int:
+    """Parameter count without building the model."""
+    d, f, v, inner = c.d_model, c.d_ff, c.vocab_size, c.n_heads * head_dim(c)
+    attn = 4 * d * inner
+    ffn = 3 * d * f
+    table = c.relative_attention_num_buckets * c.n_heads
+    enc = c.n_encoder_layers * (attn + ffn + 2 * d) + table + d
+    dec = c.n_decoder_layers * (2 * attn + ffn + 3 * d) + table + d
+    return v * d * (1 if c.tie_embeddings else 2) + enc + dec
