@@ -199,10 +199,12 @@ class T5(nn.Module):
                 nn.init.normal_(m.wo.weight, std=c.d_ff ** -0.5)
 
     def encode(self, src_ids, src_mask):
-        # src_mask (B, S) bool, True = real token. Bias (1, H, S, S) + key padding -> (B, H, S, S)
+        # src_mask (B, S) bool, True = real token, or None (no padding). Bias (1, H, S, S) + key padding
+        # -> (B, H, S, S)
         S = src_ids.shape[1]
         bias = self.encoder[0].self_attn.position_bias(S, S, bidirectional=True)
-        bias = bias.masked_fill(~src_mask[:, None, None, :], float("-inf"))
+        if src_mask is not None:
+            bias = bias.masked_fill(~src_mask[:, None, None, :], float("-inf"))
         x = self.drop(self.embed(src_ids))
         for layer in self.encoder:
             x = layer(x, bias)
@@ -214,7 +216,7 @@ class T5(nn.Module):
         bias = self.decoder[0].self_attn.position_bias(T, T, bidirectional=False)
         future = torch.ones(T, T, dtype=torch.bool, device=tgt_ids.device).triu(1)
         bias = bias.masked_fill(future, float("-inf"))
-        mask = src_mask[:, None, None, :]
+        mask = None if src_mask is None else src_mask[:, None, None, :]
         y = self.drop(self.embed(tgt_ids))
         for layer in self.decoder:
             y = layer(y, memory, bias, mask)
