@@ -17,7 +17,10 @@ import time
 import webdataset as wds
 from tqdm import tqdm
 
+import numpy as np
+
 from data.corpus import CorpusError, read_records
+from data.packed import INDEX_DTYPE, doc_length, index_name
 from data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from common.atomic import atomic_dir
 
@@ -66,7 +69,7 @@ def prepare(inputs: list[str], out_dir: str, objective: str = "span", tokenizer:
 
 
 def _write_shards(tok, records, n_records, out, objective, shard_size, progress) -> dict:
-    shards, batch = [], []
+    shards, batch, lengths = [], [], []
     bar = tqdm(total=n_records, unit="rec", desc="prepare", disable=not progress, mininterval=1.0)
     writer = wds.ShardWriter(os.path.join(out, "shard-%06d.tar"), maxcount=shard_size, verbose=0)
     index = 0
@@ -76,18 +79,31 @@ def _write_shards(tok, records, n_records, out, objective, shard_size, progress)
             encoded = [[e.ids for e in tok.encode_batch(list(col))] for col in cols]
             for row in zip(*encoded):
                 if index % shard_size == 0:
+                    _close_index(out, shards, lengths)
                     shards.append({"name": f"shard-{len(shards):06d}.tar", "num_samples": 0, "num_tokens": 0})
                 sample = {"ids": row[0]} if objective == "span" else {"src": row[0], "tgt": row[1]}
                 writer.write({"__key__": f"{index:010d}", "json": json.dumps(sample).encode()})
                 shards[-1]["num_samples"] += 1
                 shards[-1]["num_tokens"] += sum(len(r) for r in row)
+                if objective == "span":
+                    lengths.append(doc_length(row[0]))
                 index += 1
             bar.update(len(batch))
+        _close_index(out, shards, lengths)
     finally:
         writer.close()
         bar.close()
     return {"objective": objective, "num_samples": index, "num_tokens": sum(s["num_tokens"] for s in shards),
             "shards": shards}
+
+
+def _close_index(out, shards, lengths):
+    if shards and lengths:
+        s = shards[-1]
+        s["index"], s["doc_tokens"] = index_name(s["name"]), int(sum(lengths))
+        with open(os.path.join(out, s["index"]), "wb") as f:
+            f.write(np.asarray(lengths, dtype=INDEX_DTYPE).tobytes())
+    lengths.clear()
 
 
 def _batched(it, n):

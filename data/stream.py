@@ -45,7 +45,7 @@ import torch
 from data.mixture import Schedule
 from data.objectives import collate, placeholder, span_corrupt, span_corrupt_rows
 from data.packing import bucket_assign
-from data.reader import StreamReader, seeded_rng
+from data.reader import PackedReader, StreamReader, seeded_rng
 from data.records import BadSamples
 from data.sources import DataError, Shard, resolve_source
 from data.spec import StreamSpec
@@ -97,18 +97,20 @@ class Layout:
         self._buckets: dict = {}
         self.noise_rng = _KeyedRNG()
 
-    def reader(self, c: int, v: int) -> StreamReader:
+    def reader(self, c: int, v: int):
         if (c, v) not in self.readers:
-            self.readers[(c, v)] = StreamReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
+            cls = PackedReader if self.spec.geometry[c].exact else StreamReader
+            self.readers[(c, v)] = cls(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
         return self.readers[(c, v)]
 
-    def locate(self, g: int) -> tuple[int, int, int]:
-        """-> (dataset c, stream v, example index i in that stream)."""
+    def locate(self, g: int) -> tuple[int, int, int, int]:
+        """-> (dataset c, stream v, epoch e of that dataset, example index i in that stream's epoch)."""
         v, j = g % self.V, g // self.V
-        c, i = self.schedule.locate(j) if self.schedule else (0, j)
-        if self.W and not self.spec.geometry[c].packed:
-            i = self._bucketed(c, v, g)
-        return c, v, i
+        c, r = self.schedule.locate(j) if self.schedule else (0, j)
+        geo = self.spec.geometry[c]
+        if self.W and not geo.packed:
+            return (c, v) + divmod(self._bucketed(c, v, g), geo.P)
+        return (c,) + geo.split(r * self.V + v)
 
     def _bucketed(self, c: int, v: int, g: int) -> int:
         span = self.W * self.G
@@ -136,8 +138,8 @@ class Layout:
             if not spec.shuffle and g >= spec.epoch_positions:
                 out.append(placeholder())                          # validation: past the last sample
                 continue
-            c, v, i = self.locate(g)
-            item = self.reader(c, v).item(i)
+            c, v, e_c, i = self.locate(g)
+            item = self.reader(c, v).item(e_c, i)
             if item is None:
                 out.append(placeholder())
                 continue
@@ -149,7 +151,9 @@ class Layout:
                 continue
             e, cursor = divmod(g, spec.epoch_positions)
             rng = self.noise_rng(spec.seed, c, e, cursor)
-            if spec.geometry[c].packed:
+            if spec.pack_attention and len(item) > 2:
+                ex["segments"] = item[2]
+            if spec.geometry[c].packed and len(item[1]) == spec.raw_len:
                 packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
             else:
                 ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
