@@ -135,8 +135,8 @@ def _exists_all(urls: list[str]) -> None:
             raise DataError(f"shard not found: {missing[0]}")
 
 
-def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
-    """Source spec (see the module doc) -> its shards with their sample counts."""
+def source_manifest(spec: str, manifest: str = "") -> tuple[str, dict, list[str]]:
+    """Source spec -> (manifest URL, manifest, shard URLs)."""
     if not spec:
         raise DataError("no data source given")
     local_dir = not is_url(spec) and os.path.isdir(spec)
@@ -154,6 +154,12 @@ def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
             raise DataError(f"shard pattern matches nothing: {spec}")
         manifest = manifest or _join(_dirname(_location(urls[0])), MANIFEST)
         man = load_manifest_at(manifest)
+    return manifest, man, urls
+
+
+def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
+    """Source spec (see the module doc) -> its shards with their sample counts."""
+    manifest, man, urls = source_manifest(spec, manifest)
     entries = {os.path.basename(s["name"]): s for s in man["shards"]}
     shards = []
     for u in urls:
