@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from data.mixture import Schedule
-from data.objectives import collate, placeholder, span_corrupt, span_corrupt_rows
+from data.objectives import collate, corrupted_segments, placeholder, span_corrupt, span_corrupt_rows
 from data.packing import bucket_assign
 from data.reader import PackedReader, StreamReader, seeded_rng
 from data.records import BadSamples
@@ -151,19 +151,38 @@ class Layout:
                 continue
             e, cursor = divmod(g, spec.epoch_positions)
             rng = self.noise_rng(spec.seed, c, e, cursor)
-            if spec.pack_attention and len(item) > 2:
-                ex["segments"] = item[2]
+            seg = item[2] if spec.pack_attention and len(item) > 2 else None
             if spec.geometry[c].packed and len(item[1]) == spec.raw_len:
-                packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
+                packed.append((ex, item[1], rng.random(len(item[1]) - 2), seg))
             else:
                 ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
                                                     spec.n_sentinels, rng)
+                if seg is not None:                                # the same uniforms again, for the segments
+                    u = self.noise_rng(spec.seed, c, e, cursor).random((1, max(0, len(seg) - 2)))
+                    ex["segments"] = (corrupted_segments(seg[None], spec.noise_density, spec.mean_span_length, u)[0]
+                                      if len(seg) >= 2 else np.append(seg, seg[-1]))
         if packed:
+            u = np.stack([p[2] for p in packed])
             src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
-                                         spec.n_sentinels, np.stack([p[2] for p in packed]))
-            for (ex, _, _), x, y in zip(packed, src, tgt):
+                                         spec.n_sentinels, u)
+            for (ex, _, _, _), x, y in zip(packed, src, tgt):
                 ex["src"], ex["tgt"] = x, y
+            if spec.pack_attention:
+                segs = corrupted_segments(np.stack([p[3] for p in packed]), spec.noise_density,
+                                          spec.mean_span_length, u)
+                for (ex, _, _, _), sg in zip(packed, segs):
+                    ex["segments"] = sg
         return out
+
+
+def collate_segments(samples: list[dict], S: int) -> torch.Tensor:
+    """(B, S) document ids of each source token (a sample without them is one document; padding -1)."""
+    out = np.full((len(samples), S), -1, dtype=np.int64)
+    for i, smp in enumerate(samples):
+        seg = smp.get("segments")
+        n = min(S, len(smp["src"]))
+        out[i, :n] = seg[:n] if seg is not None else 0
+    return torch.from_numpy(out)
 
 
 def steps_in_epoch(spec: StreamSpec, epoch: int = 0) -> int:
@@ -275,6 +294,8 @@ class DataStream:
                 raise DataError(f"{self.skipped} bad samples on this rank, more than data.max_bad_samples="
                                 f"{self.spec.max_bad_samples} (see the log lines above)")
             batch = collate(samples, self.spec.max_src_len, self.spec.max_tgt_len)
+            if self.spec.pack_attention:
+                batch["src_segments"] = collate_segments(samples, batch["src"].shape[1])
             n_src, n_tgt = batch["n_real"]
             self._real += n_src + n_tgt
             self._slots += batch["src"].numel() + batch["labels"].numel()

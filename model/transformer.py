@@ -90,8 +90,50 @@ class Attention(nn.Module):
         k = self.k(kv).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
         v = self.v(kv).view(B, S, -1, self.head_dim).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        out = attend(q, k, v, mask, p, causal)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, D)
+
+
+def attend(q, k, v, mask, dropout_p: float, causal: bool):
+    """SDPA with a bool mask; a flex-attention BlockMask (document_mask on GPU) goes to flex_attention."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return _flex()(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+
+
+_FLEX = {}
+
+
+def _flex():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention   # deferred: GPU-only path
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def document_mask(src_mask: torch.Tensor, segments: torch.Tensor, dropout: float = 0.0):
+    """Encoder self-attention inside each document of a packed example.
+
+    src_mask (B, S) bool (True = real token), segments (B, S) int (document number in the example).
+    Query i attends key j iff j is real and in i's document; a padding query attends every real
+    key (its output is never used; this keeps its softmax finite). On CUDA with flex attention
+    (and no attention dropout) -> a BlockMask: only the blocks on the diagonal are computed and
+    no (B, S, S) tensor exists; otherwise a (B, 1, S, S) bool mask for SDPA.
+    """
+    if src_mask.is_cuda and dropout == 0.0:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask   # deferred: GPU-only path
+        except ImportError:
+            create_block_mask = None
+        if create_block_mask is not None:
+            seg, real = segments, src_mask
+
+            def mod(b, h, qi, kj):
+                return real[b, kj] & ((seg[b, qi] == seg[b, kj]) | ~real[b, qi])
+            B, S = src_mask.shape
+            return create_block_mask(mod, B, None, S, S, device=src_mask.device)
+    same = segments[:, :, None] == segments[:, None, :]
+    return (src_mask[:, None, :] & (same | ~src_mask[:, :, None]))[:, None]
 
 
 class FeedForward(nn.Module):
@@ -203,9 +245,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {L} exceeds model.max_positions={self.positions.shape[0]}")
         return self.drop(self.embed(ids) * self.embed_scale + self.positions[:L].to(self.embed.weight.dtype))
 
-    def encode(self, src_ids, src_mask):
-        # src_mask (B, S) bool, True = real token -> (B, 1, 1, S) for every query and head
-        mask = src_mask[:, None, None, :]
+    def encode(self, src_ids, src_mask, src_segments=None):
+        # src_mask (B, S) bool, True = real token -> (B, 1, 1, S) for every query and head;
+        # src_segments (B, S) int: packed documents, each token attends only inside its own
+        if src_segments is None:
+            mask = src_mask[:, None, None, :]
+        else:
+            mask = document_mask(src_mask, src_segments, self.config.attention_dropout if self.training else 0.0)
         x = self._embed(src_ids)
         for layer in self.encoder:
             x = layer(x, mask)
@@ -222,9 +268,9 @@ class Transformer(nn.Module):
         # (B, T, D) @ (D, V) tied to the embedding; padded vocabulary rows pushed to -1e9
         return F.linear(h, self.embed.weight) + self.logits_bias
 
-    def forward(self, src_ids, src_mask, tgt_ids, labels=None):
+    def forward(self, src_ids, src_mask, tgt_ids, labels=None, src_segments=None):
         """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count."""
-        logits = self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
+        logits = self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask, src_segments), src_mask))
         return logits if labels is None else self.criterion(logits, labels)
 
 

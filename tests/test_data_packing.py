@@ -103,3 +103,32 @@ def test_validation_covers_every_token_once(grouped):
     lay = Layout(spec)
     got = [lay.reader(*lay.locate(g)[:2]).item(*lay.locate(g)[2:])[1] for g in range(spec.epoch_positions)]
     assert sum(len(x) for x in got) == n and sum(len(x) != spec.raw_len for x in got) <= 1
+
+
+def test_segment_ids_follow_the_documents(tmp_path):
+    """data.pack_attention: src_segments number each token's document inside its example; the
+    sentinels and </s> included. Token ids are unique, so every token's document is known."""
+    rng = np.random.default_rng(2)
+    lengths = [int(n) for n in rng.integers(2, 90, 120)]
+    ids = np.arange(1000, 1000 + sum(lengths))
+    docs = np.split(ids, np.cumsum(lengths)[:-1])
+    doc_of = np.repeat(np.arange(len(docs)), lengths)
+    spec = StreamSpec(shards=resolve_shards(write_ids(str(tmp_path / "c"), docs, 40)), objective="span",
+                      num_streams=2, shuffle_block=8, seed=1, global_batch=8, max_src_len=48, max_tgt_len=40,
+                      pack_attention=True)
+    _, batches, _ = run(spec, dp=1, steps=6, mb=4)
+    multi = 0
+    for b in batches:
+        seg, src, m = b["src_segments"], b["src"], b["src_mask"]
+        assert seg.shape == src.shape and (seg[~m] == -1).all()
+        for row_seg, row, row_m in zip(seg.tolist(), src.tolist(), m.tolist()):
+            n = sum(row_m)
+            assert row_seg[:n] == sorted(row_seg[:n]) and row_seg[0] == 0       # documents in order
+            pairs = {(s, int(doc_of[t - 1000])) for s, t in zip(row_seg[:n], row[:n]) if t >= 1000}
+            assert len({s for s, _ in pairs}) == len(pairs) == len({d for _, d in pairs})   # one document per id
+            multi += len(pairs) > 1
+    assert multi > 0
+    spec_off = StreamSpec(shards=spec.components[0].shards, objective="span", num_streams=2, shuffle_block=8, seed=1,
+                          global_batch=8, max_src_len=48, max_tgt_len=40)
+    _, off, _ = run(spec_off, dp=1, steps=6, mb=4)
+    assert all("src_segments" not in b and (a["src"] == b["src"]).all() for a, b in zip(batches, off))

@@ -1,0 +1,45 @@
+"""Document-aware attention (data.pack_attention): in a packed example, the encoder output of a
+document does not depend on the other documents' tokens; without segments it does."""
+import torch
+
+from model.transformer import ModelConfig, Transformer, document_mask
+
+
+def _model():
+    torch.manual_seed(0)
+    c = ModelConfig(vocab_size=64, real_vocab_size=60, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2,
+                    n_decoder_layers=2, dropout=0.1, max_positions=64)
+    return Transformer(c).eval()
+
+
+def test_other_documents_do_not_change_a_documents_encoding():
+    model = _model()
+    seg = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4 + [-1] * 2, [0] * 18])
+    mask = seg >= 0
+    src = torch.randint(3, 60, seg.shape)
+    src[~mask] = 0
+    changed = src.clone()
+    changed[0, 5:12] = torch.randint(3, 60, (7,))                      # document 1 of row 0 rewritten
+    assert not torch.equal(changed, src)
+    with torch.no_grad():
+        a, b = model.encode(src, mask, seg), model.encode(changed, mask, seg)
+        others = torch.cat([torch.arange(0, 5), torch.arange(12, 16)])
+        assert torch.allclose(a[0, others], b[0, others], atol=1e-6)
+        assert not torch.allclose(a[0, 5:12], b[0, 5:12], atol=1e-3)
+        assert torch.equal(a[1], b[1])
+        plain_a, plain_b = model.encode(src, mask), model.encode(changed, mask)   # off: attention crosses documents
+        assert not torch.allclose(plain_a[0, others], plain_b[0, others], atol=1e-3)
+        # one document per row: the same as no segments
+        assert torch.allclose(a[1], plain_a[1], atol=1e-6)
+        # the loss path takes src_segments too, and stays finite with padding
+        tgt = torch.randint(3, 60, (2, 6))
+        loss, n = model(src, mask, tgt, tgt, src_segments=seg)
+        assert torch.isfinite(loss) and n == 12
+
+
+def test_document_mask_cpu():
+    seg = torch.tensor([[0, 0, 1, -1]])
+    m = document_mask(seg >= 0, seg)
+    assert m.shape == (1, 1, 4, 4)
+    assert m[0, 0].tolist() == [[True, True, False, False], [True, True, False, False],
+                                [False, False, True, False], [True, True, True, False]]
