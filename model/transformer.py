@@ -111,7 +111,7 @@ def _flex():
     return _FLEX["fn"]
 
 
-def document_mask(src_mask: torch.Tensor, segments: torch.Tensor, dropout: float = 0.0):
+def document_mask(src_mask: torch.Tensor, segments: torch.Tensor, dropout: float = 0.0, flex: bool | None = None):
     """Encoder self-attention inside each document of a packed example.
 
     src_mask (B, S) bool (True = real token), segments (B, S) int (document number in the example).
@@ -120,7 +120,7 @@ def document_mask(src_mask: torch.Tensor, segments: torch.Tensor, dropout: float
     (and no attention dropout) -> a BlockMask: only the blocks on the diagonal are computed and
     no (B, S, S) tensor exists; otherwise a (B, 1, S, S) bool mask for SDPA.
     """
-    if src_mask.is_cuda and dropout == 0.0:
+    if (src_mask.is_cuda if flex is None else flex) and dropout == 0.0:
         try:
             from torch.nn.attention.flex_attention import create_block_mask   # deferred: GPU-only path
         except ImportError:

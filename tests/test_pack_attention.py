@@ -43,3 +43,21 @@ def test_document_mask_cpu():
     assert m.shape == (1, 1, 4, 4)
     assert m[0, 0].tolist() == [[True, True, False, False], [True, True, False, False],
                                 [False, False, True, False], [True, True, True, False]]
+
+
+def test_flex_block_mask_equals_the_sdpa_mask():
+    """The BlockMask used on GPU (here built on CPU, run by eager flex_attention) attends exactly
+    where the SDPA bool mask does."""
+    import warnings
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+    torch.manual_seed(0)
+    seg = torch.tensor([[0] * 100 + [1] * 120 + [2] * 30 + [-1] * 6, [0] * 256])     # 2 x 2 blocks of 128
+    q, k, v = (torch.randn(2, 4, 256, 16) for _ in range(3))
+    bm = document_mask(seg >= 0, seg, flex=True)
+    assert not isinstance(bm, torch.Tensor)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seg >= 0, seg, flex=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # eager flex warns that it is not fused
+        out = flex_attention(q, k, v, block_mask=bm)
+    assert torch.allclose(out, ref, atol=1e-5)
