@@ -132,3 +132,23 @@ def test_segment_ids_follow_the_documents(tmp_path):
                           global_batch=8, max_src_len=48, max_tgt_len=40)
     _, off, _ = run(spec_off, dp=1, steps=6, mb=4)
     assert all("src_segments" not in b and (a["src"] == b["src"]).all() for a, b in zip(batches, off))
+
+
+def test_old_folder_gets_an_index(tmp_path):
+    """A folder prepared without indexes reads with the old packing, and `python -m data.index`
+    makes it exact: the same index prepare would have written."""
+    import subprocess
+    import sys
+    rng = np.random.default_rng(4)
+    docs = [rng.integers(200, 300, rng.integers(2, 60)) for _ in range(90)]
+    old = write_ids(str(tmp_path / "old"), docs, 40, index=False)
+    new = write_ids(str(tmp_path / "new"), docs, 40)
+    kw = dict(objective="span", num_streams=2, shuffle_block=8, global_batch=4, max_src_len=32, max_tgt_len=30)
+    assert not StreamSpec(shards=resolve_shards(old), **kw).geometry[0].exact
+    r = subprocess.run([sys.executable, "-m", "data.index", old], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(old, "manifest.json")) as f, open(os.path.join(new, "manifest.json")) as g:
+        assert json.load(f)["shards"] == json.load(g)["shards"]
+    for name in sorted(os.listdir(new)):
+        assert open(os.path.join(old, name), "rb").read() == open(os.path.join(new, name), "rb").read(), name
+    assert StreamSpec(shards=resolve_shards(old), **kw).geometry[0].exact
