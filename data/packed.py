@@ -123,6 +123,7 @@ class Block:
 
     def __init__(self, start: int, keys: list, lengths: np.ndarray, flat: np.ndarray, bad: np.ndarray):
         self.start, self.keys, self.flat, self.bad = start, keys, flat, bad     # bad: per document
+        self.any_bad = bool(bad.any())
         self.doc_start = np.concatenate([[0], np.cumsum(lengths)])
 
     @property
@@ -130,8 +131,8 @@ class Block:
         return self.start + len(self.flat)
 
 
-def chunk_from_blocks(blocks: list, t0: int, t1: int):
-    """(key, tokens, segment ids) of tokens [t0, t1), or None if it touches a bad document.
+def chunk_from_blocks(blocks: list, t0: int, t1: int, segments: bool = False):
+    """(key, tokens[, segment ids]) of tokens [t0, t1), or None if it touches a bad document.
 
     blocks: consecutive Blocks covering [t0, t1). Segment ids number the chunk's documents 0, 1, ...
     """
@@ -140,16 +141,21 @@ def chunk_from_blocks(blocks: list, t0: int, t1: int):
         a, b = max(t0, blk.start) - blk.start, min(t1, blk.end) - blk.start
         if b <= a:
             continue
-        d0 = int(np.searchsorted(blk.doc_start, a, side="right") - 1)
-        d1 = int(np.searchsorted(blk.doc_start, b, side="left"))
-        if blk.bad[d0:d1].any():
-            return None
+        d0 = int(blk.doc_start.searchsorted(a, side="right")) - 1
         if key is None:
             key = f"{blk.keys[d0]}@{a - blk.doc_start[d0]}"
+        if blk.any_bad or segments:
+            d1 = int(blk.doc_start.searchsorted(b, side="left"))
+            if blk.bad[d0:d1].any():
+                return None
+            if segments:
+                cuts = blk.doc_start[d0 + 1:d1] - a
+                s = np.zeros(b - a, dtype=np.int32)
+                s[cuts[cuts < b - a]] = 1
+                segs.append(np.cumsum(s) + seg)
+                seg = int(segs[-1][-1]) + 1
         parts.append(blk.flat[a:b])
-        cuts = np.clip(blk.doc_start[d0 + 1:d1], a, b) - a
-        s = np.zeros(b - a, dtype=np.int32)
-        s[cuts[cuts < b - a]] = 1
-        segs.append(np.cumsum(s) + seg)
-        seg = int(segs[-1][-1]) + 1
-    return key, np.concatenate(parts), np.concatenate(segs).astype(np.int32)
+    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if not segments:
+        return key, tokens
+    return key, tokens, np.concatenate(segs).astype(np.int32)

@@ -132,14 +132,22 @@ class StreamReader:
 
 
 class PackedReader:
-    """The chunks of dataset c's canonical stream v under exact packing (packed.py): item(e, i)."""
+    """The chunks of dataset c's canonical stream v under exact packing (packed.py): item(e, i).
 
-    def __init__(self, spec: StreamSpec, c: int, v: int, bad: BadSamples, stats: dict, cache_blocks: int = 3):
+    `shared` (one per dataset in a Layout) holds the block cache and the length indexes, so streams
+    read by the same process never read a block twice.
+    """
+
+    def __init__(self, spec: StreamSpec, c: int, v: int, bad: BadSamples, stats: dict, cache_blocks: int = 3,
+                 shared: dict | None = None):
         self.spec, self.c, self.v, self.bad = spec, c, v, bad
         self.comp, self.geo = spec.components[c], spec.geometry[c]
-        self.index = IndexCache(self.comp.shards)
+        shared = shared if shared is not None else {}
+        if "blocks" not in shared:
+            shared.update(blocks=OrderedDict(), index=IndexCache(self.comp.shards), readers=0)
+        shared["readers"] += 1
+        self.shared, self.index, self._blocks = shared, shared["index"], shared["blocks"]
         self._epoch = (None, None)
-        self._blocks: OrderedDict = OrderedDict()
         per_block = self.geo.B * self.geo.T / max(1, self.geo.N)            # tokens in a block, on average
         self.cache_blocks = max(cache_blocks, 2 + int(np.ceil(spec.raw_len / max(per_block, 1.0))))
         self._cur = None                      # (epoch, next document, generator over the epoch's documents)
@@ -184,7 +192,7 @@ class PackedReader:
             at += int(lengths[k])
         blk = Block(lay.tokens_before(lo), [docs[k][0] for k in perm], lengths[perm], flat, bad[perm])
         self._blocks[(e, b)] = blk
-        while len(self._blocks) > self.cache_blocks:
+        while len(self._blocks) > self.cache_blocks * self.shared["readers"]:
             self._blocks.popitem(last=False)
         return blk
 
@@ -207,4 +215,4 @@ class PackedReader:
             if blk.end >= t1 or b + 1 >= lay.n_blocks:
                 break
             b += 1
-        return chunk_from_blocks(blocks, t0, t1)
+        return chunk_from_blocks(blocks, t0, t1, self.spec.pack_attention)

@@ -94,13 +94,17 @@ class Layout:
         win_items = -(-self.W * self.G // self.V) if self.W else 0
         self.cache_blocks = 2 + -(-win_items // spec.shuffle_block)
         self.readers: dict = {}
+        self._shared: dict = {}                         # per dataset: blocks and indexes its packed streams share
         self._buckets: dict = {}
         self.noise_rng = _KeyedRNG()
 
     def reader(self, c: int, v: int):
         if (c, v) not in self.readers:
-            cls = PackedReader if self.spec.geometry[c].exact else StreamReader
-            self.readers[(c, v)] = cls(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
+            if self.spec.geometry[c].exact:
+                self.readers[(c, v)] = PackedReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks,
+                                                    self._shared.setdefault(c, {}))
+            else:
+                self.readers[(c, v)] = StreamReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
         return self.readers[(c, v)]
 
     def locate(self, g: int) -> tuple[int, int, int, int]:
