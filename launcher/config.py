@@ -40,6 +40,7 @@ class DataConfig:
     valid_manifest: str = ""
     mixture: list = field(default_factory=list)  # [{source, weight, objective, manifest, name}] instead of data.train
     pack: bool = True               # span: concatenate documents to fill max_src_len
+    pack_attention: bool = False    # span packing: encoder tokens attend only inside their own document
     bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
     tokenizer: str = ""             # tokenizer.json, when data.train is not a local prepared folder
 

@@ -122,7 +122,8 @@ class Trainer:
         for i, b in enumerate(batches):
             b = to_device(b, self.device)
             with autocast(self.device, self.cfg.train.precision):
-                loss, _ = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"])
+                loss, _ = self.engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"],
+                                      src_segments=b.get("src_segments"))
             self.engine.backward(loss * scale)
             if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
                 # Without ZeRO, DeepSpeed clips but does not report the norm: clip here, with the
