@@ -26,6 +26,9 @@ bench: install
 	$(PY) bench/data_throughput.py
 	$(PY) bench/tp_step.py
 	$(PY) bench/export_memory.py
+	$(PY) bench/prepare_throughput.py
+	$(PY) bench/packing_loss.py
+	$(PY) bench/pack_attention_step.py
 
 clean:
 	rm -rf runs/demo
