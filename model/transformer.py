@@ -131,7 +131,8 @@ def document_mask(src_mask: torch.Tensor, segments: torch.Tensor, dropout: float
             def mod(b, h, qi, kj):
                 return real[b, kj] & ((seg[b, qi] == seg[b, kj]) | ~real[b, qi])
             B, S = src_mask.shape
-            return create_block_mask(mod, B, None, S, S, device=src_mask.device)
+            # compiled on GPU: the mask is built block by block, never as a (B, S, S) tensor
+            return create_block_mask(mod, B, None, S, S, device=src_mask.device, _compile=src_mask.is_cuda)
     same = segments[:, :, None] == segments[:, None, :]
     return (src_mask[:, None, :] & (same | ~src_mask[:, :, None]))[:, None]
 
