@@ -56,7 +56,7 @@ class StreamSpec:
         self.geometry = [Geometry(self, c) for c in self.components]
         self.epoch_positions = sum(g.E for g in self.geometry)
         if self.pack_attention and not all(g.exact for g in self.geometry if g.packed):
-            raise DataError("data.pack_attention needs length indexes (prepare the data again with this version)")
+            raise DataError("data.pack_attention needs length indexes in the text data (add them: python -m data.index DIR)")
 
 
 class Geometry:
