@@ -2,8 +2,8 @@
 
     python bench/prepare_throughput.py [--mb 24] [--files 8] [--workers 2] [--vocab 8000]
 
-Writes a JSONL corpus of --files files (real English text, bench/real_text.py, cycled), trains one tokenizer on a 4 MB sample (timed
-apart), then runs the whole prepare (read, parse, tokenize, write shards + indexes + manifest)
+Writes a JSONL corpus of --files files (real English text, bench/real_text.py, cycled), trains
+one tokenizer on a 4 MB sample (timed apart), then runs the whole prepare (read, parse, tokenize, write shards + indexes + manifest)
 with that tokenizer in 1 process and in --workers processes, and prints MB/s in total and per
 process (one tokenizer thread each: RAYON_NUM_THREADS=1 unless set). Target: >= 5 MB/s per core end
 to end. The two outputs are compared byte for byte.
@@ -47,7 +47,8 @@ def same_tree(a: str, b: str) -> bool:
     names = sorted(os.listdir(a))
     if names != sorted(os.listdir(b)):
         return False
-    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names if n != "manifest.json")
+    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False)
+               for n in names if n != "manifest.json")
 
 
 def main() -> None:

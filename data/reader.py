@@ -180,10 +180,12 @@ class PackedReader:
         for k, ((key, doc), n) in enumerate(zip(docs, lengths)):
             if doc is not None and len(doc) != n:
                 i, a = self._where(lay, lo + k)
-                self.bad.add(self.comp.shards[i].url, a, 1, f"sample {key} has {len(doc)} tokens, its length index says {n}")
+                self.bad.add(self.comp.shards[i].url, a, 1,
+                             f"sample {key} has {len(doc)} tokens, its length index says {n}")
                 doc = None
             bad[k] = doc is None and n > 0
-        perm = seeded_rng(self.spec.seed, self.c, e, b, 5).permutation(hi - lo) if self.spec.shuffle else np.arange(hi - lo)
+        perm = (seeded_rng(self.spec.seed, self.c, e, b, 5).permutation(hi - lo) if self.spec.shuffle
+                else np.arange(hi - lo))
         flat = np.zeros(int(lengths.sum()), dtype=np.int32)
         at = 0
         for k in perm:

@@ -56,11 +56,13 @@ class StreamSpec:
         self.geometry = [Geometry(self, c) for c in self.components]
         self.epoch_positions = sum(g.E for g in self.geometry)
         if self.pack_attention and not all(g.exact for g in self.geometry if g.packed):
-            raise DataError("data.pack_attention needs length indexes in the text data (add them: python -m data.index DIR)")
+            raise DataError("data.pack_attention needs length indexes in the text data "
+                            "(add them: python -m data.index DIR)")
 
 
 class Geometry:
-    """Sizes of one dataset's epoch: E positions; per stream L samples and P examples, blocks of B samples -> K examples.
+    """Sizes of one dataset's epoch: E positions; per stream L samples and P examples; blocks of B
+    samples -> K examples.
 
     Exact packing (length indexes, packed.py): E = ceil(T / raw_len) chunks of the epoch's T tokens,
     streams of ceil or floor E / V of them, K a nominal count per block. Otherwise (pairs, unpacked

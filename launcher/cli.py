@@ -81,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-bad-lines", default="1%", help="bad input lines skipped before failing: N or P%% of lines")
     s.add_argument("--unit-size", type=int, default=256 << 20, metavar="BYTES",
                    help="input files are grouped into units of at least this size (the unit of parallel work)")
-    s.add_argument("--plan-only", action="store_true", help="only check inputs and make the tokenizer (array job step 1)")
+    s.add_argument("--plan-only", action="store_true",
+                   help="only check inputs and make the tokenizer (array job step 1)")
     s.add_argument("--slice", metavar="I/N", help="prepare the units of slice I of N (array task), then stop")
     s.add_argument("--merge", action="store_true", help="merge the prepared units into --out (array job, last step)")
     s.add_argument("--objective", choices=["span", "pairs"], default="span")

@@ -56,7 +56,8 @@ def test_mixture_with_another_tokenizer_is_refused(two_tokenizers, tmp_path, npr
 
 def test_validation_data_with_another_tokenizer_is_refused(two_tokenizers, tmp_path):
     r = two_tokenizers
-    cfg = _config(tmp_path, {"train": f"{r}/pairs_a", "valid": f"{r}/pairs_b", "tokenizer": f"{r}/span_a/tokenizer.json"})
+    cfg = _config(tmp_path, {"train": f"{r}/pairs_a", "valid": f"{r}/pairs_b",
+                             "tokenizer": f"{r}/span_a/tokenizer.json"})
     _refused(run_cli(["train", cfg], timeout=120), f"{r}/pairs_b/manifest.json", f"{r}/span_a/tokenizer.json")
 
 
