@@ -25,6 +25,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 from bench.real_text import collect  # noqa: E402
 from data.prepare import prepare  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def write_corpus(root: str, mb: float, files: int) -> list[str]:
@@ -69,6 +70,13 @@ def main() -> None:
         print(f"corpus: {mb:.1f} MB in {a.files} files; cores: {os.cpu_count()}, load average "
               f"{os.getloadavg()[0]:.1f}; tokenizer ({a.vocab}) trained on a 4 MB sample + first file prepared "
               f"in {t_tok:.1f} s")
+        tok = load_tokenizer(os.path.join(root, "tok"))
+        with open(paths[0], encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        t0 = time.perf_counter()
+        tok.encode_batch(texts)
+        t_enc = time.perf_counter() - t0
+        print(f"tokenizer alone (encode_batch, 1 thread): {os.path.getsize(paths[0]) / 1e6 / t_enc:.2f} MB/s")
         rates = {}
         for n in (1, a.workers):
             out = os.path.join(root, f"out{n}")
