@@ -5,9 +5,12 @@ Each dataset's epoch is a function of (seed, epoch, its shards, data.num_streams
   2. that sequence is cut into V canonical streams of L = N // V samples (the < V samples left
      over are dropped this epoch, and differ between epochs; validation keeps them, see below);
   3. a stream is read in blocks of `shuffle_block` samples, each permuted by (seed, epoch, stream,
-     block); span-corruption text is packed block by block into full-length examples (packing.py),
-     pairs stay one sample per example; an epoch has P examples per stream, known from the
+     block); pairs stay one sample per example; an epoch has P examples per stream, known from the
      manifest before anything is read, the same for every stream.
+     Span-corruption text with length indexes is packed without loss instead (packed.py): the
+     epoch's documents form one token sequence cut into E chunks, streams of consecutive chunks,
+     dataset position p = chunk p // V of stream p % V (E need not be a multiple of V); text
+     without indexes is packed block by block (packing.py).
 The global order is a grid: global position g is row g // V of stream g % V. A single dataset
 fills every row (row j = its example j); a mixture gives each row to one dataset (mixture.py).
 Pairs are length-bucketed inside windows of global batches (packing.py).
