@@ -27,7 +27,6 @@ import shutil
 import time
 
 import numpy as np
-import webdataset as wds
 
 from common.atomic import atomic_dir, atomic_write
 from data.corpus import CorpusError, read_records
@@ -115,8 +114,7 @@ def _run_unit(work: str, plan: dict, u: int, tok, progress: bool) -> None:
     final = os.path.join(work, f"unit-{u:05d}")
     with atomic_dir(final) as tmp:
         shards, lengths, n = [], [], 0
-        with wds.ShardWriter(os.path.join(tmp, "shard-%06d.tar"), maxcount=shard_size, verbose=0,
-                             mtime=TAR_MTIME) as writer:
+        with TarShards(tmp, shard_size) as writer:
             for batch in _batched(records, 1000):
                 encoded = [[e.ids for e in tok.encode_batch(list(col))] for col in zip(*batch)]
                 for row in zip(*encoded):
@@ -124,7 +122,7 @@ def _run_unit(work: str, plan: dict, u: int, tok, progress: bool) -> None:
                         _close_index(tmp, shards, lengths)
                         shards.append({"name": f"shard-{len(shards):06d}.tar", "num_samples": 0, "num_tokens": 0})
                     sample = {"ids": row[0]} if objective == "span" else {"src": row[0], "tgt": row[1]}
-                    writer.write({"__key__": f"{prefix}{n:010d}", "json": json.dumps(sample).encode()})
+                    writer.write(f"{prefix}{n:010d}.json", json.dumps(sample).encode())
                     shards[-1]["num_samples"] += 1
                     shards[-1]["num_tokens"] += sum(len(r) for r in row)
                     if objective == "span":
@@ -138,6 +136,47 @@ def _run_unit(work: str, plan: dict, u: int, tok, progress: bool) -> None:
         mb = sum(os.path.getsize(p) for p in files) / 1e6
         print(f"prepare: unit {u + 1}/{len(plan['units'])}: {n} records, {bad.total} bad lines, "
               f"{mb:.1f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+class TarShards:
+    """shard-000000.tar, ... of `maxcount` samples each, as plain ustar members (owner bigdata, mode
+    0444, time TAR_MTIME): what webdataset reads, written several times faster than through tarfile."""
+
+    def __init__(self, folder: str, maxcount: int):
+        self.folder, self.maxcount, self.n, self.f = folder, maxcount, 0, None
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.n % self.maxcount == 0:
+            self._end()
+            self.f = open(os.path.join(self.folder, f"shard-{self.n // self.maxcount:06d}.tar"), "wb")
+        self.f.write(_ustar_header(name.encode(), len(data)) + data + bytes(-len(data) % 512))
+        self.n += 1
+
+    def _end(self) -> None:
+        if self.f is not None:
+            self.f.write(bytes(1024))                   # end of archive: two zero blocks
+            self.f.close()
+            self.f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._end()
+
+
+def _ustar_header(name: bytes, size: int) -> bytes:
+    if len(name) > 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:124] = b"0000444\x000000000\x000000000\x00"            # mode, uid, gid
+    h[124:148] = b"%011o\x00%011o\x00" % (size, TAR_MTIME)
+    h[148:157] = b"        0"                                      # checksum placeholder, regular file
+    h[257:265] = b"ustar\x0000"
+    h[265:272] = h[297:304] = b"bigdata"                           # owner and group names
+    h[148:156] = b"%06o\x00 " % sum(h)
+    return bytes(h)
 
 
 def _close_index(out: str, shards: list, lengths: list) -> None:
