@@ -28,6 +28,9 @@ bench: install
 	$(PY) bench/export_memory.py
 	$(PY) bench/step.py
 	$(PY) bench/t5_step_time.py
+	$(PY) bench/prepare_throughput.py
+	$(PY) bench/packing_loss.py
+	$(PY) bench/pack_attention_step.py
 
 clean:
 	rm -rf runs/demo

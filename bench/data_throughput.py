@@ -2,8 +2,8 @@
 
     python bench/data_throughput.py [--docs 12000] [--seconds 6]
 
-1. Writes token-id shards in the prepared format (KEY.json = {"ids": [...]}, manifest.json with
-   token counts) to a temporary folder: documents of 40..1200 tokens (mean ~420, like web text),
+1. Writes token-id shards in the prepared format (KEY.json = {"ids": [...]}, length indexes,
+   manifest.json with token counts) to a temporary folder: documents of 40..1200 tokens (mean ~420, like web text),
    ids drawn from a Zipf-like law over a 32k vocabulary. Tokenizing is `encdec prepare`'s job,
    done once offline, so it is not part of the stream.
 2. Streams span-corruption examples with 512-token inputs (documents packed to fill them) through
@@ -28,6 +28,7 @@ import webdataset as wds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.packed import INDEX_DTYPE, index_name  # noqa: E402
 from data.stream import DataStream, StreamSpec, resolve_shards  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from model.transformer import Transformer, padded_vocab  # noqa: E402
@@ -39,17 +40,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_shards(out: str, n_docs: int, per_shard: int = 2000, vocab: int = 32000, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
-    shards, total = [], 0
+    shards, total, lengths = [], 0, []
     with wds.ShardWriter(os.path.join(out, "shard-%06d.tar"), maxcount=per_shard, verbose=0) as w:
         for i in range(n_docs):
             n = int(np.clip(rng.lognormal(5.8, 0.6), 40, 1200))
             ids = np.minimum(rng.zipf(1.2, n) + 102, vocab - 1).tolist() + [1]
             if i % per_shard == 0:
-                shards.append({"name": f"shard-{len(shards):06d}.tar", "num_samples": 0, "num_tokens": 0})
+                shards.append({"name": f"shard-{len(shards):06d}.tar", "num_samples": 0, "num_tokens": 0,
+                               "index": index_name(f"shard-{len(shards):06d}.tar"), "doc_tokens": 0})
+                lengths.append([])
             w.write({"__key__": f"{i:010d}", "json": json.dumps({"ids": ids}).encode()})
             shards[-1]["num_samples"] += 1
             shards[-1]["num_tokens"] += len(ids)
+            shards[-1]["doc_tokens"] += len(ids) - 1
+            lengths[-1].append(len(ids) - 1)
             total += len(ids)
+    for s, ls in zip(shards, lengths):                  # the length index (exact packing)
+        with open(os.path.join(out, s["index"]), "wb") as f:
+            f.write(np.asarray(ls, dtype=INDEX_DTYPE).tobytes())
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump({"objective": "span", "num_samples": n_docs, "num_tokens": total, "shards": shards}, f)
     return total

@@ -26,32 +26,48 @@ def _is_jsonl(path: str) -> bool:
 
 
 def read_records(path: str, objective: str, text_field: str = "text", src_field: str = "src",
-                 tgt_field: str = "tgt") -> Iterator[tuple]:
-    """Yields (text,) for objective 'span' or (src, tgt) for 'pairs'. Blank lines are skipped."""
+                 tgt_field: str = "tgt", on_bad=None) -> Iterator[tuple]:
+    """Yields (text,) for objective 'span' or (src, tgt) for 'pairs'. Blank lines are skipped.
+
+    A bad line (not UTF-8, invalid JSON, a missing, non-string or empty field) raises CorpusError
+    naming file:line, or with on_bad is passed to on_bad(path, lineno, reason) and skipped.
+    """
     jsonl = _is_jsonl(path)
     if objective == "pairs" and not jsonl:
         raise CorpusError(f"{path}: pairs need JSONL with '{src_field}' and '{tgt_field}' fields")
+    fields = (text_field,) if objective == "span" else (src_field, tgt_field)
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if not jsonl:
-                yield (line,)
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            fields = (text_field,) if objective == "span" else (src_field, tgt_field)
-            out = []
-            for k in fields:
-                v = rec.get(k) if isinstance(rec, dict) else None
-                if not isinstance(v, str):
-                    raise CorpusError(f"{path}:{lineno}: missing or non-string field '{k}'")
-                out.append(v)
-            yield tuple(out)
+            rec = _parse(raw, jsonl, fields)
+            if isinstance(rec, tuple):
+                yield rec
+            elif rec:
+                if on_bad is None:
+                    raise CorpusError(f"{path}:{lineno}: {rec}")
+                on_bad(path, lineno, rec)
+
+
+def _parse(raw: bytes, jsonl: bool, fields):
+    """A line -> a record tuple, "" (blank: skipped) or the reason it is bad."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return ""
+    if not jsonl:
+        return (line,)
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg})"
+    out = []
+    for k in fields:
+        v = rec.get(k) if isinstance(rec, dict) else None
+        if not isinstance(v, str):
+            return f"missing or non-string field '{k}'"
+        if not v.strip():
+            return f"empty field '{k}'"
+        out.append(v)
+    return tuple(out)

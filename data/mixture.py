@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.sources import DataError, resolve_source
+from data.sources import DataError, resolve_source, source_manifest
+from data.tokenizer import tokenizer_hash
 
 KEYS = ("source", "weight", "objective", "manifest", "name")
 MIN_WINDOW_ROWS = 256
@@ -138,8 +139,33 @@ def find_tokenizer(d) -> str:
 
 
 def check_data(d) -> tuple[list[Component], list[Component] | None]:
-    """Resolves every configured source (shards exist, manifests readable) before any process group:
-    -> (training datasets, validation datasets or None)."""
+    """Resolves every configured source (shards exist, manifests readable) and checks that each was
+    prepared with the run's tokenizer, before any process group: -> (training datasets, validation
+    datasets or None)."""
     train = components_for(d, d.train, True)
     valid = components_for(d, d.valid, False) if d.valid else None
+    check_tokenizers(d)
     return train, valid
+
+
+def data_sources(d) -> list[tuple[str, str]]:
+    """Every (source, manifest) the run reads: data.train or each data.mixture entry, and data.valid."""
+    out = [(d.train, d.train_manifest)] if d.train else [(e["source"], e["manifest"])
+                                                         for e in parse_mixture(d.mixture, d.objective)]
+    return out + ([(d.valid, d.valid_manifest)] if d.valid else [])
+
+
+def check_tokenizers(d) -> None:
+    """Each source's manifest records its tokenizer's sha256: it must be the run's tokenizer's."""
+    tok = find_tokenizer(d)
+    tok = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
+    try:
+        want = tokenizer_hash(tok)
+    except OSError as e:
+        raise DataError(f"config key 'data.tokenizer': cannot read {tok} ({e.strerror})") from None
+    for source, manifest in data_sources(d):
+        url, man, _ = source_manifest(source, manifest)
+        got = man.get("tokenizer_sha256")
+        if isinstance(got, str) and got and got != want:
+            raise DataError(f"{url} was prepared with another tokenizer than the run's {tok} "
+                            f"(sha256 {got[:12]}... vs {want[:12]}...): prepare it with --tokenizer {tok}")

@@ -76,17 +76,12 @@ def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, sentin
     sentinels = ids[:n]
     ar = np.arange(B)[:, None]
     before = np.cumsum(lens, axis=1) - lens                       # noise tokens before each span
-    pos = np.repeat((starts - before).ravel(), lens.ravel()) + np.tile(np.arange(n_noise), B)
-    is_noise = np.zeros((B, L), dtype=bool)
-    is_noise[np.repeat(np.arange(B), n_noise), pos] = True
+    is_noise, keep = _noise_and_keep(B, L, starts, lens)
     # input: the ids with each span replaced by its sentinel, then </s>
     inp = np.empty((B, L + 1), dtype=np.int32)
     inp[:, :L] = rows
     inp[:, L] = EOS_ID
     inp[ar, starts] = sentinels
-    keep = np.ones((B, L + 1), dtype=bool)
-    keep[:, :L] = ~is_noise
-    keep[ar, starts] = True
     # target: each sentinel followed by the tokens it hides, then </s>
     T = n_noise + n + 1
     tgt = np.empty((B, T), dtype=np.int32)
@@ -97,6 +92,29 @@ def span_corrupt_rows(rows: np.ndarray, density: float, mean_span: float, sentin
     tgt[~at_sentinel] = rows[is_noise]
     tgt[:, -1] = EOS_ID
     return inp[keep].reshape(B, L + 1 - n_noise + n), tgt
+
+
+def _noise_and_keep(B: int, L: int, starts: np.ndarray, lens: np.ndarray):
+    """(B, L) noise tokens, and (B, L + 1) input slots kept (non-noise, each span's first = its sentinel, </s>)."""
+    n_noise = int(lens[0].sum())
+    before = np.cumsum(lens, axis=1) - lens
+    pos = np.repeat((starts - before).ravel(), lens.ravel()) + np.tile(np.arange(n_noise), B)
+    is_noise = np.zeros((B, L), dtype=bool)
+    is_noise[np.repeat(np.arange(B), n_noise), pos] = True
+    keep = np.ones((B, L + 1), dtype=bool)
+    keep[:, :L] = ~is_noise
+    keep[np.arange(B)[:, None], starts] = True
+    return is_noise, keep
+
+
+def corrupted_segments(segs: np.ndarray, density: float, mean_span: float, u: np.ndarray) -> np.ndarray:
+    """Document ids (B, L) of rows -> those of their span-corrupted inputs (same uniforms u as
+    span_corrupt_rows): a sentinel belongs to the document of the first token it hides, </s> to the last."""
+    B, L = segs.shape
+    starts, lens = noise_spans_rows(L, density, mean_span, u)
+    _, keep = _noise_and_keep(B, L, starts, lens)
+    full = np.concatenate([segs, segs[:, -1:]], axis=1)
+    return full[keep].reshape(B, -1).astype(np.int32)
 
 
 def span_corrupt(ids: np.ndarray, density: float, mean_span: float, sentinels,

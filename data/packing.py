@@ -1,4 +1,7 @@
-"""Packing documents into full-length examples, and length bucketing of pairs.
+"""Packing documents into full-length examples (folders without length indexes), and length bucketing of pairs.
+
+Prepared text has length indexes and is packed without loss by data/packed.py; what follows is the
+fallback for folders prepared before them (`python -m data.index DIR` adds them).
 
 Packing (span corruption). A canonical stream is read in shuffle blocks of B documents. The
 documents of a block (in their shuffled order, each without its </s>) are laid end to end and cut

@@ -7,6 +7,7 @@ from itertools import islice
 
 import numpy as np
 
+from data.packed import Block, EpochLayout, IndexCache, chunk_from_blocks, stream_range
 from data.packing import pack_block
 from data.records import BadSamples, decode
 from data.sources import Shard, ShardError, iter_samples
@@ -32,6 +33,26 @@ def epoch_streams(shards: list[Shard], num_streams: int, L: int, seed: int, c: i
     return streams
 
 
+def read_docs(shard: Shard, skip: int, count: int, objective: str, bad: BadSamples, vocab: int = 0):
+    """Exactly `count` (key, doc or None) of a shard from sample `skip`; a short shard -> None for the rest."""
+    n, why = 0, f"has fewer samples than its manifest says ({shard.num_samples})"
+    try:
+        with closing(iter_samples(shard.url, skip)) as it:
+            for key, raw in islice(it, count):
+                doc = decode(raw, "pairs" if objective == "pairs" else "span", shard.url, key, vocab)
+                if isinstance(doc, str):
+                    bad.add(shard.url, skip + n, 1, doc)
+                    doc = None
+                yield key, doc
+                n += 1
+    except ShardError as e:
+        why = str(e)
+    if n < count:
+        bad.add(shard.url, skip + n, count - n, f"samples {skip + n}..{skip + count - 1} unreadable: {why}")
+        for _ in range(count - n):
+            yield "", None
+
+
 class StreamReader:
     """The examples of dataset c's canonical stream v, over all epochs: item(i) for (mostly) rising i."""
 
@@ -51,23 +72,7 @@ class StreamReader:
         return self._segs[e]
 
     def _segment_docs(self, shard: Shard, skip: int, count: int):
-        """Exactly `count` (key, doc or None) of a shard from sample `skip`; a short shard -> None for the rest."""
-        n, why = 0, f"has fewer samples than its manifest says ({shard.num_samples})"
-        try:
-            with closing(iter_samples(shard.url, skip)) as it:
-                for key, raw in islice(it, count):
-                    doc = decode(raw, "pairs" if self.comp.objective == "pairs" else "span", shard.url, key)
-                    if isinstance(doc, str):
-                        self.bad.add(shard.url, skip + n, 1, doc)
-                        doc = None
-                    yield key, doc
-                    n += 1
-        except ShardError as e:
-            why = str(e)
-        if n < count:
-            self.bad.add(shard.url, skip + n, count - n, f"samples {skip + n}..{skip + count - 1} unreadable: {why}")
-            for _ in range(count - n):
-                yield "", None
+        return read_docs(shard, skip, count, self.comp.objective, self.bad, self.spec.vocab_size)
 
     def _docs(self, e: int, lo: int, n: int) -> list:
         """Stream positions lo..lo+n-1 of epoch e; positions past the stream's samples are None (padding)."""
@@ -123,13 +128,101 @@ class StreamReader:
             self._blocks.popitem(last=False)
         return items
 
-    def item(self, i: int):
-        e, ie = divmod(i, self.geo.P)
-        b, k = self.geo.block_of(ie)
+    def item(self, e: int, i: int):
+        b, k = self.geo.block_of(i)
         return self._block(e, b)[k]
 
     def length(self, i: int) -> int:
-        it = self.item(i)
+        it = self.item(*divmod(i, self.geo.P))
         if it is None:
             return 0
         return len(it[1]) if self.comp.objective != "pairs" else len(it[1][0]) + len(it[1][1])
+
+
+class PackedReader:
+    """The chunks of dataset c's canonical stream v under exact packing (packed.py): item(e, i).
+
+    `shared` (one per dataset in a Layout) holds the block cache and the length indexes, so streams
+    read by the same process never read a block twice.
+    """
+
+    def __init__(self, spec: StreamSpec, c: int, v: int, bad: BadSamples, stats: dict, cache_blocks: int = 3,
+                 shared: dict | None = None):
+        self.spec, self.c, self.v, self.bad = spec, c, v, bad
+        self.comp, self.geo = spec.components[c], spec.geometry[c]
+        shared = shared if shared is not None else {}
+        if "blocks" not in shared:
+            shared.update(blocks=OrderedDict(), index=IndexCache(self.comp.shards), readers=0)
+        shared["readers"] += 1
+        self.shared, self.index, self._blocks = shared, shared["index"], shared["blocks"]
+        self._epoch = (None, None)
+        per_block = self.geo.B * self.geo.T / max(1, self.geo.N)            # tokens in a block, on average
+        self.cache_blocks = max(cache_blocks, 2 + int(np.ceil(spec.raw_len / max(per_block, 1.0))))
+        self._cur = None                      # (epoch, next document, generator over the epoch's documents)
+
+    def _layout(self, e: int) -> EpochLayout:
+        if self._epoch[0] != e:
+            n = len(self.comp.shards)
+            order = seeded_rng(self.spec.seed, self.c, e, 0).permutation(n) if self.spec.shuffle else np.arange(n)
+            self._epoch = (e, EpochLayout(self.comp.shards, self.index, order, self.geo.B))
+        return self._epoch[1]
+
+    def _read(self, e: int, lay: EpochLayout, lo: int, hi: int) -> list:
+        if self._cur is None or self._cur[:2] != (e, lo):
+            gen = (doc for i, a, b in lay.segments(lo, lay.N)
+                   for doc in read_docs(self.comp.shards[i], a, b - a, "span", self.bad, self.spec.vocab_size))
+            self._cur = (e, lo, gen)
+        docs = list(islice(self._cur[2], hi - lo))
+        self._cur = (e, hi, self._cur[2])
+        return docs
+
+    def _block(self, e: int, b: int) -> Block:
+        if (e, b) in self._blocks:
+            self._blocks.move_to_end((e, b))
+            return self._blocks[(e, b)]
+        lay, B = self._layout(e), self.geo.B
+        lo, hi = b * B, min(lay.N, (b + 1) * B)
+        lengths = lay.doc_lengths(lo, hi)
+        docs = self._read(e, lay, lo, hi)
+        bad = np.zeros(hi - lo, dtype=bool)
+        for k, ((key, doc), n) in enumerate(zip(docs, lengths)):
+            if doc is not None and len(doc) != n:
+                i, a = self._where(lay, lo + k)
+                self.bad.add(self.comp.shards[i].url, a, 1,
+                             f"sample {key} has {len(doc)} tokens, its length index says {n}")
+                doc = None
+            bad[k] = doc is None and n > 0
+        perm = (seeded_rng(self.spec.seed, self.c, e, b, 5).permutation(hi - lo) if self.spec.shuffle
+                else np.arange(hi - lo))
+        flat = np.zeros(int(lengths.sum()), dtype=np.int32)
+        at = 0
+        for k in perm:
+            if not bad[k] and lengths[k]:
+                flat[at:at + lengths[k]] = docs[k][1]
+            at += int(lengths[k])
+        blk = Block(lay.tokens_before(lo), [docs[k][0] for k in perm], lengths[perm], flat, bad[perm])
+        self._blocks[(e, b)] = blk
+        while len(self._blocks) > self.cache_blocks * self.shared["readers"]:
+            self._blocks.popitem(last=False)
+        return blk
+
+    @staticmethod
+    def _where(lay: EpochLayout, d: int) -> tuple[int, int]:
+        i, a, _ = lay.segments(d, d + 1)[0]
+        return i, a
+
+    def item(self, e: int, i: int):
+        """(key, tokens, segment ids) of chunk i of this stream in epoch e, or None (a bad document)."""
+        first, n = stream_range(self.geo.E, self.spec.num_streams, self.v)
+        assert i < n, (self.v, i, n)
+        lay, R = self._layout(e), self.geo.raw_len
+        t0 = (first + i) * R
+        t1 = min(t0 + R, lay.T)
+        blocks, b = [], lay.block_of_token(t0)
+        while True:
+            blk = self._block(e, b)
+            blocks.append(blk)
+            if blk.end >= t1 or b + 1 >= lay.n_blocks:
+                break
+            b += 1
+        return chunk_from_blocks(blocks, t0, t1, self.spec.pack_attention)

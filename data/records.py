@@ -80,8 +80,20 @@ def _fast_decode(data: bytes, objective: str):
     return None if src is None or tgt is None else (src, tgt)
 
 
-def decode(raw: dict, objective: str, url: str, key: str):
-    """Raw tar sample -> token arrays, or a string saying what is wrong with it."""
+def decode(raw: dict, objective: str, url: str, key: str, vocab: int = 0):
+    """Raw tar sample -> token arrays, or a string saying what is wrong with it.
+
+    With vocab > 0, a token id >= vocab (data prepared with another tokenizer) makes it bad.
+    """
+    out = _decode(raw, objective, key)
+    if vocab > 0 and not isinstance(out, str):
+        top = max(int(a.max()) for a in (out if isinstance(out, tuple) else (out,)))
+        if top >= vocab:
+            return f"sample {key}: token id {top} >= vocabulary size {vocab} (prepared with another tokenizer?)"
+    return out
+
+
+def _decode(raw: dict, objective: str, key: str):
     data = raw.get("json")
     if data is None:
         return f"sample {key} has no .json member"

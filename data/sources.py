@@ -35,6 +35,8 @@ class Shard:
     url: str
     num_samples: int
     num_tokens: int = 0             # 0 = not known (packing needs it)
+    index: str = ""                 # URL of its length index (uint32 tokens per document), "" = none
+    doc_tokens: int = -1            # sum of the index (tokens without </s>), -1 = no index
 
 
 def is_url(s: str) -> bool:
@@ -133,8 +135,8 @@ def _exists_all(urls: list[str]) -> None:
             raise DataError(f"shard not found: {missing[0]}")
 
 
-def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
-    """Source spec (see the module doc) -> its shards with their sample counts."""
+def source_manifest(spec: str, manifest: str = "") -> tuple[str, dict, list[str]]:
+    """Source spec -> (manifest URL, manifest, shard URLs)."""
     if not spec:
         raise DataError("no data source given")
     local_dir = not is_url(spec) and os.path.isdir(spec)
@@ -152,13 +154,24 @@ def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
             raise DataError(f"shard pattern matches nothing: {spec}")
         manifest = manifest or _join(_dirname(_location(urls[0])), MANIFEST)
         man = load_manifest_at(manifest)
+    return manifest, man, urls
+
+
+def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
+    """Source spec (see the module doc) -> its shards with their sample counts."""
+    manifest, man, urls = source_manifest(spec, manifest)
     entries = {os.path.basename(s["name"]): s for s in man["shards"]}
     shards = []
     for u in urls:
         e = entries.get(os.path.basename(_location(u)))
         if e is None:
             raise DataError(f"shard {u} is not listed in the manifest {manifest}")
-        shards.append(Shard(u, int(e["num_samples"]), int(e.get("num_tokens", 0) or 0)))
+        index = e.get("index")
+        ok = isinstance(index, str) and index and "/" not in index and "\\" not in index and not is_url(index)
+        index = _join(_dirname(u), index) if ok else ""          # a plain file name next to the shard, never a command
+        doc_tokens = e.get("doc_tokens")
+        shards.append(Shard(u, int(e["num_samples"]), int(e.get("num_tokens", 0) or 0), index,
+                            int(doc_tokens) if index and isinstance(doc_tokens, int) else -1))
     _exists_all([s.url for s in shards])
     if sum(s.num_samples for s in shards) == 0:
         raise DataError(f"no samples in {spec}")

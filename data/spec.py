@@ -5,12 +5,16 @@ it and data/stream.py lays the streams out over ranks and workers.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from data.mixture import Component
 from data.objectives import as_sentinel_ids, raw_length_for, span_target_length
 from data.packing import chunks_per_block, mean_doc_tokens
+from data.packed import has_index
 from data.sources import DataError
+
+log = logging.getLogger("encdec.data")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class StreamSpec:
     pack: bool = True
     bucket_window: int = 0
     max_bad_samples: int = 100
+    vocab_size: int = 0                 # > 0: token ids at or above it are bad samples
+    pack_attention: bool = False        # packed span batches carry src_segments (document ids)
     components: list = field(default_factory=list)
     ul2: list = field(default_factory=list)          # objective ul2: the denoisers (data/ul2.py; empty = default)
     ul2_modes: list = field(default_factory=list)    # their mode token ids (-1 = none; empty = none at all)
@@ -64,15 +70,35 @@ class StreamSpec:
                                  len(as_sentinel_ids(self.sentinels)))
         self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
         self.geometry = [Geometry(self, c) for c in self.components]
-        self.epoch_positions = self.num_streams * sum(g.P for g in self.geometry)
+        self.epoch_positions = sum(g.E for g in self.geometry)
+        if self.pack_attention and not all(g.exact for g in self.geometry if g.packed):
+            raise DataError("data.pack_attention needs exactly packed span data: length indexes in the text "
+                            "data (add them: python -m data.index DIR), objective span (not ul2)")
 
 
 class Geometry:
-    """Sizes of one dataset's epoch: L samples and P examples per stream, blocks of B samples -> K examples."""
+    """Sizes of one dataset's epoch: E positions; per stream L samples and P examples; blocks of B
+    samples -> K examples.
+
+    Exact packing (length indexes, packed.py): E = ceil(T / raw_len) chunks of the epoch's T tokens,
+    streams of ceil or floor E / V of them, K a nominal count per block. Otherwise (pairs, unpacked
+    text, or packed text prepared without indexes): P examples in every stream, E = V x P.
+    """
 
     def __init__(self, spec: StreamSpec, comp: Component):
-        V, self.B = spec.num_streams, spec.shuffle_block
+        V, self.B, self.V = spec.num_streams, spec.shuffle_block, spec.num_streams
         self.N = sum(s.num_samples for s in comp.shards)
+        self.exact = comp.objective == "span" and spec.pack and has_index(comp.shards)
+        if self.exact:
+            self.T = sum(s.doc_tokens for s in comp.shards)
+            if self.T == 0:
+                raise DataError(f"no tokens in {comp.shards[0].url}...")
+            self.packed, self.raw_len = True, spec.raw_len
+            self.E = -(-self.T // spec.raw_len)
+            self.P = -(-self.E // V)
+            self.K = max(1, int(self.B * self.T / self.N) // spec.raw_len)
+            self._check_target(spec, comp)
+            return
         self.L = -(-self.N // V) if not spec.shuffle else self.N // V
         if self.L == 0:
             raise DataError(f"{self.N} samples in {comp.shards[0].url}... cannot fill data.num_streams={V} streams")
@@ -84,17 +110,33 @@ class Geometry:
             if mean <= 0:
                 raise DataError(f"packing needs token counts in the manifest of {comp.shards[0].url} "
                                 "(or set data.pack=false)")
-            raw = spec.ul2_plan.mean_raw if comp.objective == "ul2" else spec.raw_len
+            if comp.objective == "span":
+                log.warning("data: %s has no length index: packing falls back to per-block chunk counts, which "
+                            "drop and repeat tokens (add one: python -m data.index %s)", comp.shards[0].url,
+                            comp.shards[0].url.rsplit("/", 1)[0])
+            raw = spec.ul2_plan.mean_raw if comp.objective == "ul2" else spec.raw_len   # UL2: per-block counts
             self.K = chunks_per_block(self.B, mean, raw)
             self.K_last = chunks_per_block(last, mean, raw)
         else:
             self.K, self.K_last = self.B, last
         self.P = (self.n_blocks - 1) * self.K + self.K_last
+        self.E = V * self.P
+        self._check_target(spec, comp)
+
+    def _check_target(self, spec: StreamSpec, comp: Component):
         if comp.objective == "span":
             need = span_target_length(spec.max_src_len, spec.noise_density, spec.mean_span_length)
             if need > spec.max_tgt_len:
                 raise DataError(f"data.max_tgt_len={spec.max_tgt_len} is shorter than the span-corruption "
                                 f"target ({need} tokens for data.max_src_len={spec.max_src_len})")
+
+    def split(self, q: int) -> tuple[int, int, int]:
+        """Dataset position q (row x V + stream, over all epochs) -> (stream, epoch, example index in the stream)."""
+        if self.exact:
+            e, p = divmod(q, self.E)
+            return p % self.V, e, p // self.V
+        e, i = divmod(q // self.V, self.P)
+        return q % self.V, e, i
 
     def block_of(self, i: int) -> tuple[int, int]:
         full = (self.n_blocks - 1) * self.K

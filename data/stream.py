@@ -5,9 +5,12 @@ Each dataset's epoch is a function of (seed, epoch, its shards, data.num_streams
   2. that sequence is cut into V canonical streams of L = N // V samples (the < V samples left
      over are dropped this epoch, and differ between epochs; validation keeps them, see below);
   3. a stream is read in blocks of `shuffle_block` samples, each permuted by (seed, epoch, stream,
-     block); span-corruption text is packed block by block into full-length examples (packing.py),
-     pairs stay one sample per example; an epoch has P examples per stream, known from the
+     block); pairs stay one sample per example; an epoch has P examples per stream, known from the
      manifest before anything is read, the same for every stream.
+     Span-corruption text with length indexes is packed without loss instead (packed.py): the
+     epoch's documents form one token sequence cut into E chunks, streams of consecutive chunks,
+     dataset position p = chunk p // V of stream p % V (E need not be a multiple of V); text
+     without indexes is packed block by block (packing.py).
 The global order is a grid: global position g is row g // V of stream g % V. A single dataset
 fills every row (row j = its example j); a mixture gives each row to one dataset (mixture.py).
 Pairs are length-bucketed inside windows of global batches (packing.py).
@@ -43,9 +46,9 @@ import numpy as np
 import torch
 
 from data.mixture import Schedule
-from data.objectives import collate, placeholder, span_corrupt, span_corrupt_rows
+from data.objectives import collate, corrupted_segments, placeholder, span_corrupt, span_corrupt_rows
 from data.packing import bucket_assign
-from data.reader import StreamReader, seeded_rng
+from data.reader import PackedReader, StreamReader, seeded_rng
 from data.records import BadSamples
 from data.sources import DataError, Shard, resolve_source
 from data.spec import StreamSpec
@@ -94,21 +97,27 @@ class Layout:
         win_items = -(-self.W * self.G // self.V) if self.W else 0
         self.cache_blocks = 2 + -(-win_items // spec.shuffle_block)
         self.readers: dict = {}
+        self._shared: dict = {}                         # per dataset: blocks and indexes its packed streams share
         self._buckets: dict = {}
         self.noise_rng = _KeyedRNG()
 
-    def reader(self, c: int, v: int) -> StreamReader:
+    def reader(self, c: int, v: int):
         if (c, v) not in self.readers:
-            self.readers[(c, v)] = StreamReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
+            if self.spec.geometry[c].exact:
+                self.readers[(c, v)] = PackedReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks,
+                                                    self._shared.setdefault(c, {}))
+            else:
+                self.readers[(c, v)] = StreamReader(self.spec, c, v, self.bad, self.stats, self.cache_blocks)
         return self.readers[(c, v)]
 
-    def locate(self, g: int) -> tuple[int, int, int]:
-        """-> (dataset c, stream v, example index i in that stream)."""
+    def locate(self, g: int) -> tuple[int, int, int, int]:
+        """-> (dataset c, stream v, epoch e of that dataset, example index i in that stream's epoch)."""
         v, j = g % self.V, g // self.V
-        c, i = self.schedule.locate(j) if self.schedule else (0, j)
-        if self.W and not self.spec.geometry[c].packed:
-            i = self._bucketed(c, v, g)
-        return c, v, i
+        c, r = self.schedule.locate(j) if self.schedule else (0, j)
+        geo = self.spec.geometry[c]
+        if self.W and not geo.packed:
+            return (c, v) + divmod(self._bucketed(c, v, g), geo.P)
+        return (c,) + geo.split(r * self.V + v)
 
     def _bucketed(self, c: int, v: int, g: int) -> int:
         span = self.W * self.G
@@ -136,8 +145,8 @@ class Layout:
             if not spec.shuffle and g >= spec.epoch_positions:
                 out.append(placeholder())                          # validation: past the last sample
                 continue
-            c, v, i = self.locate(g)
-            item = self.reader(c, v).item(i)
+            c, v, e_c, i = self.locate(g)
+            item = self.reader(c, v).item(e_c, i)
             if item is None:
                 out.append(placeholder())
                 continue
@@ -149,28 +158,49 @@ class Layout:
                 continue
             e, cursor = divmod(g, spec.epoch_positions)
             rng = self.noise_rng(spec.seed, c, e, cursor)
+            seg = item[2] if spec.pack_attention and comp.objective == "span" and len(item) > 2 else None
             if comp.objective == "ul2":
                 plan = spec.ul2_plan
                 d = item[2] if spec.geometry[c].packed else int(plan.draw(rng, 1)[0])
                 row = item[1][:plan.raw[d]]
                 ul2.append((ex, row, d, plan.noise(d, len(row), rng)))
                 ex["denoiser"] = d
-            elif spec.geometry[c].packed:
-                packed.append((ex, item[1], rng.random(len(item[1]) - 2)))
+            elif spec.geometry[c].packed and len(item[1]) == spec.raw_len:
+                packed.append((ex, item[1], rng.random(len(item[1]) - 2), seg))
             else:
                 ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
                                                     spec.sentinels, rng)
+                if seg is not None:                                # the same uniforms again, for the segments
+                    u = self.noise_rng(spec.seed, c, e, cursor).random((1, max(0, len(seg) - 2)))
+                    ex["segments"] = (corrupted_segments(seg[None], spec.noise_density, spec.mean_span_length, u)[0]
+                                      if len(seg) >= 2 else np.append(seg, seg[-1]))
         if packed:
+            u = np.stack([p[2] for p in packed])
             src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
-                                         spec.sentinels, np.stack([p[2] for p in packed]))
-            for (ex, _, _), x, y in zip(packed, src, tgt):
+                                         spec.sentinels, u)
+            for (ex, _, _, _), x, y in zip(packed, src, tgt):
                 ex["src"], ex["tgt"] = x, y
+            if spec.pack_attention:
+                segs = corrupted_segments(np.stack([p[3] for p in packed]), spec.noise_density,
+                                          spec.mean_span_length, u)
+                for (ex, _, _, _), sg in zip(packed, segs):
+                    ex["segments"] = sg
         if ul2:
             made = spec.ul2_plan.examples([u[1] for u in ul2], [u[2] for u in ul2], [u[3] for u in ul2],
                                           spec.sentinels)
             for (ex, *_), (x, y) in zip(ul2, made):
                 ex["src"], ex["tgt"] = x, y
         return out
+
+
+def collate_segments(samples: list[dict], S: int) -> torch.Tensor:
+    """(B, S) document ids of each source token (a sample without them is one document; padding -1)."""
+    out = np.full((len(samples), S), -1, dtype=np.int64)
+    for i, smp in enumerate(samples):
+        seg = smp.get("segments")
+        n = min(S, len(smp["src"]))
+        out[i, :n] = seg[:n] if seg is not None else 0
+    return torch.from_numpy(out)
 
 
 def steps_in_epoch(spec: StreamSpec, epoch: int = 0) -> int:
@@ -282,6 +312,8 @@ class DataStream:
                 raise DataError(f"{self.skipped} bad samples on this rank, more than data.max_bad_samples="
                                 f"{self.spec.max_bad_samples} (see the log lines above)")
             batch = collate(samples, self.spec.max_src_len, self.spec.max_tgt_len)
+            if self.spec.pack_attention:
+                batch["src_segments"] = collate_segments(samples, batch["src"].shape[1])
             n_src, n_tgt = batch["n_real"]
             self._real += n_src + n_tgt
             self._slots += batch["src"].numel() + batch["labels"].numel()

@@ -20,13 +20,8 @@ from launcher.signals import StopSignal
 
 
 def _prepare(a) -> int:
-    from data.prepare import prepare
-    man = prepare(a.inputs, a.out, objective=a.objective, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
-                  shard_size=a.shard_size, text_field=a.text_field, src_field=a.src_field,
-                  tgt_field=a.tgt_field, overwrite=a.overwrite, progress=not a.quiet,
-                  add_tokens=[t for t in (a.add_tokens or "").split(",") if t])
-    print(f"prepared {man['num_samples']} samples, {man['num_tokens']} tokens in {len(man['shards'])} shards -> {a.out}")
-    return 0
+    from data.prepare import run_cli
+    return run_cli(a)
 
 
 def _train(a) -> int:
@@ -94,8 +89,18 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("prepare", help="raw text/JSONL -> tokenizer + webdataset shards")
-    s.add_argument("inputs", nargs="+")
+    s.add_argument("inputs", nargs="*")
     s.add_argument("--out", required=True)
+    s.add_argument("--workers", type=int, default=1, help="processes on this machine (same output as 1)")
+    s.add_argument("--tokenizer-sample", type=int, default=1 << 30, metavar="BYTES",
+                   help="train the tokenizer on a seeded sample of about this many bytes")
+    s.add_argument("--max-bad-lines", default="1%", help="bad input lines skipped before failing: N or P%% of lines")
+    s.add_argument("--unit-size", type=int, default=256 << 20, metavar="BYTES",
+                   help="input files are grouped into units of at least this size (the unit of parallel work)")
+    s.add_argument("--plan-only", action="store_true",
+                   help="only check inputs and make the tokenizer (array job step 1)")
+    s.add_argument("--slice", metavar="I/N", help="prepare the units of slice I of N (array task), then stop")
+    s.add_argument("--merge", action="store_true", help="merge the prepared units into --out (array job, last step)")
     s.add_argument("--objective", choices=["span", "pairs"], default="span")
     s.add_argument("--tokenizer", help="reuse this tokenizer.json, a prepared folder or a Hugging Face model folder "
                                        "(e.g. T5's) instead of training one")

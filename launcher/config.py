@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from data.mixture import parse_mixture
+from data.ul2 import parse_table
 from data.ul2 import Denoiser
 from model import check_model_config
 from model.transformer import ModelConfig
@@ -42,6 +43,7 @@ class DataConfig:
     valid_manifest: str = ""
     mixture: list = field(default_factory=list)  # [{source, weight, objective, manifest, name}] instead of data.train
     pack: bool = True               # span: concatenate documents to fill max_src_len
+    pack_attention: bool = False    # span packing: encoder tokens attend only inside their own document
     bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
     tokenizer: str = ""             # tokenizer.json, when data.train is not a local prepared folder
     ul2: list[Denoiser] = field(default_factory=list)  # objective ul2: the denoisers (empty = data/ul2.py's default)
@@ -275,8 +277,9 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(d.objective in ("pairs", "span", "ul2"), "data.objective",
            f"must be pairs, span or ul2, got {d.objective!r}")
+    _check(not (d.pack_attention and m.arch == "t5"), "data.pack_attention",
+           "document-aware attention is built for model.arch=transformer only (t5 adds its position bias)")
     if d.ul2 or d.objective == "ul2":
-        from data.ul2 import parse_table
         try:
             parse_table(d.ul2)
         except ValueError as e:

@@ -107,12 +107,55 @@ class Attention(nn.Module):
             kvp = F.linear(kv, torch.cat([self.k.weight, self.v.weight]), _cat_bias(self.k.bias, self.v.bias))
             k, v = kvp.view(B, S, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4)      # 2 x (B, H, S, Dh)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        out = attend(q, k, v, mask, p, causal)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, D)
 
 
 def _cat_bias(*biases):
     return None if any(b is None for b in biases) else torch.cat(biases)
+
+
+def attend(q, k, v, mask, dropout_p: float, causal: bool):
+    """SDPA with a bool mask; a flex-attention BlockMask (document_mask on GPU) goes to flex_attention."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return _flex()(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+
+
+_FLEX = {}
+
+
+def _flex():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention   # deferred: GPU-only path
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def document_mask(src_mask: torch.Tensor, segments: torch.Tensor, dropout: float = 0.0, flex: bool | None = None):
+    """Encoder self-attention inside each document of a packed example.
+
+    src_mask (B, S) bool (True = real token), segments (B, S) int (document number in the example).
+    Query i attends key j iff j is real and in i's document; a padding query attends every real
+    key (its output is never used; this keeps its softmax finite). On CUDA with flex attention
+    (and no attention dropout) -> a BlockMask: only the blocks on the diagonal are computed and
+    no (B, S, S) tensor exists; otherwise a (B, 1, S, S) bool mask for SDPA.
+    """
+    if (src_mask.is_cuda if flex is None else flex) and dropout == 0.0:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask   # deferred: GPU-only path
+        except ImportError:
+            create_block_mask = None
+        if create_block_mask is not None:
+            seg, real = segments, src_mask
+
+            def mod(b, h, qi, kj):
+                return real[b, kj] & ((seg[b, qi] == seg[b, kj]) | ~real[b, qi])
+            B, S = src_mask.shape
+            # compiled on GPU: the mask is built block by block, never as a (B, S, S) tensor
+            return create_block_mask(mod, B, None, S, S, device=src_mask.device, _compile=src_mask.is_cuda)
+    same = segments[:, :, None] == segments[:, None, :]
+    return (src_mask[:, None, :] & (same | ~src_mask[:, :, None]))[:, None]
 
 
 class FeedForward(nn.Module):
@@ -238,10 +281,15 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {L} exceeds model.max_positions={self.positions.shape[0]}")
         return self.drop(self.embed(ids) * self.embed_scale + self.positions[:L].to(self.embed.weight.dtype))
 
-    def encode(self, src_ids, src_mask):
+    def encode(self, src_ids, src_mask, src_segments=None):
         # src_mask (B, S) bool, True = real token -> (B, 1, 1, S) for every query and head;
-        # None = no padding (no mask at all, so SDPA may use its flash kernel)
-        mask = attention_mask(src_mask)
+        # None = no padding (no mask at all, so SDPA may use its flash kernel);
+        # src_segments (B, S) int: packed documents, each token attends only inside its own
+        if src_segments is None:
+            mask = attention_mask(src_mask)
+        else:
+            real = src_mask if src_mask is not None else torch.ones_like(src_segments, dtype=torch.bool)
+            mask = document_mask(real, src_segments, self.config.attention_dropout if self.training else 0.0)
         x = self._embed(src_ids)
         for layer in self.encoder:
             x = layer(x, mask)
@@ -258,13 +306,13 @@ class Transformer(nn.Module):
         # (B, T, D) @ (D, V) tied to the embedding; padded vocabulary rows pushed to -1e9
         return F.linear(h, self.embed.weight) + self.logits_bias
 
-    def forward(self, src_ids, src_mask, tgt_ids, labels=None):
+    def forward(self, src_ids, src_mask, tgt_ids, labels=None, src_segments=None):
         """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count.
 
         With labels the logits are never materialised whole: the criterion takes the hidden
         states and the tied output projection (model/loss.py, chunked over tokens).
         """
-        h = self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask)
+        h = self.decode(tgt_ids, self.encode(src_ids, src_mask, src_segments), src_mask)
         if labels is None:
             return self.logits(h)
         return self.criterion(h, self.embed.weight, self.logits_bias, labels)

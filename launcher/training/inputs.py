@@ -43,7 +43,8 @@ class Inputs:
                           max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len, noise_density=d.noise_density,
                           mean_span_length=d.mean_span_length, n_sentinels=self.n_sentinels,
                           sentinel_ids=self.sentinel_ids, ul2=d.ul2, ul2_modes=self.ul2_modes, shuffle=shuffle,
-                          pack=d.pack, bucket_window=d.bucket_window, max_bad_samples=d.max_bad_samples)
+                          pack=d.pack, bucket_window=d.bucket_window, max_bad_samples=d.max_bad_samples,
+                          vocab_size=self.vocab, pack_attention=d.pack_attention)
         return DataStream(spec, dp_rank, dp, cfg.train.micro_batch_size, d.num_workers)
 
 

@@ -123,8 +123,11 @@ class Trainer:
             # no padding (packed span data): no attention mask, decided on the host copy, no device sync
             unpadded = bool(b["src_mask"].all())
             b = to_device(b, self.device)
+            # data.pack_attention: document ids of packed examples, for the per-document encoder mask
+            segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
             with autocast(self.device, self.cfg.train.precision):
-                loss, _ = self.engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"])
+                loss, _ = self.engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"],
+                                      **segments)
             self.engine.backward(loss * scale)
             if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
                 # Without ZeRO, DeepSpeed clips but does not report the norm: clip here, with the
