@@ -3,7 +3,6 @@ reassembles, and the stream resumes exactly on another layout."""
 import random
 from collections import defaultdict
 
-import numpy as np
 import pytest
 
 from data.prepare import prepare
@@ -70,8 +69,8 @@ def test_denoiser_statistics_match_the_table_and_examples_reassemble(corpus, pac
     for g0 in range(0, n, 64):
         gs = list(range(g0, min(n, g0 + 64)))
         for g, ex in zip(gs, layout.examples(gs)):
-            c, v, i = layout.locate(g)
-            item = layout.reader(c, v).item(i)
+            c, v, e, i = layout.locate(g)
+            item = layout.reader(c, v).item(e, i)
             d = ex["denoiser"]
             if pack:
                 assert d == item[2] and len(item[1]) == plan.raw[d]
