@@ -17,12 +17,13 @@ import glob
 import json
 import os
 import re
-import signal
 import subprocess
 import zlib
 from dataclasses import dataclass
 
 import braceexpand
+
+from data.procs import ignore_stop_signals
 
 MANIFEST = "manifest.json"
 
@@ -195,18 +196,6 @@ def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
 
 
 # ----------------------------------------------------------------------------- reading tar shards
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-
-def ignore_stop_signals() -> None:
-    """For the helper processes of a rank (loader workers, `pipe:` commands): the scheduler's stop
-    signals go to every process of the step, but only the rank's main process acts on them (it
-    saves a checkpoint and ends its helpers itself). SIG_IGN survives exec, so a `pipe:` shell and
-    the commands it starts keep ignoring them."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
 
 class _Pipe:
     """stdout of a shell command as a binary file; knows the command's exit status.

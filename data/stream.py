@@ -47,7 +47,8 @@ from data.objectives import collate, placeholder, span_corrupt, span_corrupt_row
 from data.packing import bucket_assign
 from data.reader import StreamReader, seeded_rng
 from data.records import BadSamples
-from data.sources import DataError, Shard, ignore_stop_signals, resolve_source
+from data import procs
+from data.sources import DataError, Shard, resolve_source
 from data.spec import StreamSpec
 
 __all__ = ["DataError", "DataStream", "Shard", "StreamSpec", "resolve_shards", "steps_in_epoch"]
@@ -168,12 +169,6 @@ def steps_in_epoch(spec: StreamSpec, epoch: int = 0) -> int:
     return E // G if spec.shuffle else -(-E // G)
 
 
-def _worker_init(worker_id: int) -> None:
-    """Loader workers ignore USR1/TERM/INT (Slurm signals every process of the step): the main
-    process decides when to stop, and shuts its workers down through the loader."""
-    ignore_stop_signals()
-
-
 def _as_is(x):
     """The loader's collate_fn: parts stay numpy (pickled whole), not tensors sent one by one."""
     return x
@@ -251,9 +246,11 @@ class DataStream:
         ds = _RankParts(self.spec, self.g, self.dp_rank, self.dp_size, self.micro_batch, n_micro)
         if self.num_workers == 0:
             return iter(ds)
-        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                                                persistent_workers=False, prefetch_factor=4,
-                                                worker_init_fn=_worker_init))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                                             persistent_workers=False, prefetch_factor=4,
+                                             worker_init_fn=procs.worker_init)   # stop signals: data/procs.py
+        with procs.blocked():                           # the workers start here
+            return iter(loader)
 
     def __iter__(self):
         nw, mb = max(1, self.num_workers), self.micro_batch

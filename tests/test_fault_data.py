@@ -1,10 +1,11 @@
 """Data under faults: untrusted manifests stay data; the stop signals Slurm sends to every
 process of a step do not kill loader workers or cut `pipe:` shards short."""
+import gc
 import json
 import os
-import itertools
 import signal
-import threading
+import subprocess
+import sys
 import time
 
 import psutil
@@ -69,6 +70,26 @@ def _epoch(shards, workers):
     return [k for _ in range(steps_in_epoch(spec) * 2) for k in next(it)["keys"]], s
 
 
+SIGNALLER = """
+import itertools, os, signal, sys, time
+import psutil
+root, stop, me, hit = psutil.Process(int(sys.argv[1])), sys.argv[2], os.getpid(), []
+for sig in itertools.cycle((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
+    if os.path.exists(stop):
+        break
+    for k in root.children(recursive=True):
+        try:
+            if k.pid != me:
+                name = k.name()
+                k.send_signal(sig)
+                hit.append(name)
+        except (psutil.NoSuchProcess, FileNotFoundError):
+            pass
+    time.sleep(0.05)
+print(" ".join(hit))
+"""
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_workers_and_pipe_commands_survive_the_stop_signals(shards_dir, workers):
     """As `scancel` / `--signal` without B: do, USR1, TERM and INT reach every process of the
@@ -78,32 +99,38 @@ def test_workers_and_pipe_commands_survive_the_stop_signals(shards_dir, workers)
     counted bad (max_bad_samples=0 would raise)."""
     shards = resolve_source("pipe:sleep 0.3; cat " + os.path.join(shards_dir, "part-{000..003}.tar"))
     ref, _ = _epoch(resolve_source(shards_dir), 0)
-    me, hit, done = psutil.Process(), [], threading.Event()
-
-    def signal_helpers():
-        sigs = itertools.cycle((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT))
-        while not done.is_set():
-            sig = next(sigs)
-            for k in me.children(recursive=True):
-                try:
-                    name = k.name()
-                    k.send_signal(sig)
-                    hit.append(name)
-                except (psutil.NoSuchProcess, FileNotFoundError):
-                    pass
-            time.sleep(0.05)
-
+    stop_file = shards_dir + "/stop-signalling"
+    # the sender must not be the rank's main process (a worker takes TERM from its parent as the
+    # loader's own shutdown): a separate process, as slurmstepd is
+    sender = subprocess.Popen([sys.executable, "-c", SIGNALLER, str(os.getpid()), stop_file],
+                              stdout=subprocess.PIPE, text=True)
     got = []
     old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    t = threading.Thread(target=signal_helpers, daemon=True)
-    t.start()
     try:
         keys, stream = _epoch(shards, workers)
     finally:
-        done.set()
-        t.join()
+        open(stop_file, "w").close()
+        hit = sender.communicate(timeout=60)[0].split()
         for sig, h in old.items():
             signal.signal(sig, h)
     assert hit.count("sleep") >= 3 and (workers == 0 or len(set(hit) - {"sh", "sleep"}) >= 1), hit
     assert keys == ref and stream.skipped == 0
+    # and the loader still ends its workers (their TERM from the parent is obeyed), pipes closed
+    del stream
+    gc.collect()                                    # the readers' last pipes are closed (reaped) here
+    deadline = time.monotonic() + 15
+    while _alive_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive_children()
+
+
+def _alive_children():
+    out = []
+    for k in psutil.Process().children(recursive=True):
+        try:
+            if k.status() != psutil.STATUS_ZOMBIE:
+                out.append(k)
+        except psutil.NoSuchProcess:
+            pass
+    return out
