@@ -128,12 +128,15 @@ def run_id(run_dir: str) -> str:
 
 
 def _plain(v: Any) -> Any:
-    """Tensors / numpy scalars -> Python numbers; everything else unchanged."""
+    """Tensors / numpy scalars -> Python numbers; NaN and infinities -> None (metrics.jsonl is strict
+    JSON: no NaN/Infinity tokens); everything else unchanged."""
     if hasattr(v, "item") and callable(v.item):
         try:
-            return v.item()
+            v = v.item()
         except (ValueError, RuntimeError):
             return v
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 
@@ -223,7 +226,7 @@ class Monitor:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.write(json.dumps(row, default=str, allow_nan=False) + "\n")
         self._file.flush()
 
     def _clean(self, metrics: dict) -> dict:
