@@ -40,6 +40,8 @@ from launcher.training.engine import all_reduce, autocast, build_engine, init_di
 from launcher.training.evaluate import evaluate
 from launcher.training.guard import StepGuard
 from launcher.training.inputs import Inputs
+from launcher.training.runlock import RunBusy, RunLock
+from launcher.training.watchdog import Watchdog
 from model.transformer import count_parameters
 
 STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the sbatch script requeues
@@ -82,6 +84,7 @@ class Trainer:
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
             warnings.filterwarnings("ignore")
         os.makedirs(cfg.out_dir, exist_ok=True)
+        self.lock = self._lock_run_dir()
         if self.is_rank0:
             save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))    # complete: vocabulary filled in
             stale = os.path.join(cfg.out_dir, STOP_FILE)
@@ -100,6 +103,25 @@ class Trainer:
         self.peak_flops = flops.peak_flops(self.device, cfg.train.precision)
         self.stop = stop or StopSignal().install()
         self._grad_norm = 0.0
+        self.watchdog = Watchdog(cfg.train.hang_timeout_s, env.rank, env.world_size,
+                                 store=dist.distributed_c10d._get_default_store()).start()
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 takes the run folder (launcher/training/runlock.py); every rank hears if it is busy."""
+        lock, err = None, None
+        if self.is_rank0:
+            try:
+                lock = RunLock(self.cfg.out_dir).acquire()
+                if lock.took_over:
+                    print(f"run folder {self.cfg.out_dir}: taking over from a run that is gone "
+                          f"({lock.took_over})", flush=True)
+            except RunBusy as e:
+                err = str(e)
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise RunBusy(box[0])
+        return lock
 
     @property
     def step(self) -> int:
@@ -115,6 +137,7 @@ class Trainer:
         return self.checkpoints.resume(**self.stateful())
 
     def save_checkpoint(self) -> str:
+        self.watchdog.beat(self.step, "checkpoint")
         return self.checkpoints.save(**self.stateful())
 
     # ------------------------------------------------------------------ one step
@@ -145,6 +168,7 @@ class Trainer:
         zero = self.cfg.parallel.zero_stage
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # no host sync per micro-batch
         why, loss_value = "", float("nan")
+        self.watchdog.beat(self.state.step, "forward/backward")
         for i, b in enumerate(batches):
             b = to_device(b, self.device)
             with autocast(self.device, self.cfg.train.precision):
@@ -170,6 +194,8 @@ class Trainer:
                 if why:
                     self._skip_without_zero()
                     continue
+            if i == len(batches) - 1:
+                self.watchdog.beat(self.state.step, "optimizer")
             self.engine.step()
         if zero and self.engine.optimizer.overflow and not why:
             why = "grad_norm is not finite"
@@ -207,11 +233,19 @@ class Trainer:
                   f"batch keys ({len(allk)}): {shown}", flush=True)
 
     def train(self) -> dict:
-        cfg, total = self.cfg, self.cfg.train.steps
         it = iter(self.stream)
-        last = {}
+        try:
+            return self._loop(it, self.cfg.train.steps)
+        finally:
+            self.watchdog.close()
+            if self.lock:
+                self.lock.release()
+
+    def _loop(self, it, total: int) -> dict:
+        cfg, last = self.cfg, {}
         t_last, data_wait, n_since, window = time.perf_counter(), 0.0, 0, {}
         while self.state.step < total:
+            self.watchdog.beat(self.state.step, "data")
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(self.accum)]
             data_wait += time.perf_counter() - t0
@@ -239,7 +273,9 @@ class Trainer:
             if stop:
                 if self.is_rank0:
                     open(os.path.join(cfg.out_dir, STOP_FILE), "w").close()
-                    print(f"stopped by signal at step {self.step}; checkpoint saved, requeue requested", flush=True)
+                    what = "requeue requested" if self.stop.name != "SIGINT" else "run the same command to resume"
+                    print(f"stopped by signal at step {self.step}; checkpoint saved, {what} "
+                          f"({self.stop.name or 'signal on another rank'})", flush=True)
                 break
         if self.step >= total and cfg.data.valid and not cfg.train.eval_every:
             self.evaluate()
@@ -274,6 +310,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss/perplexity (and BLEU/chrF of greedy generations for pairs), logged."""
         cfg = self.cfg
+        self.watchdog.beat(self.step, "eval")
         stream = self.inputs.stream(cfg, "valid", self.dp_rank, self.dp,
                                     global_batch=cfg.train.micro_batch_size * self.dp)
         res, rows = evaluate(self.engine, stream, cfg, self.mesh, self.device, self.inputs.tokenizer_path,
