@@ -198,9 +198,19 @@ class CheckpointManager:
                 f"refusing to save checkpoint step {step}: rank {self.rank} has non-finite parameters")
         prev = read_latest(self.root) if os.path.isfile(os.path.join(self.root, LATEST)) else None
 
-        def failed(e: OSError) -> str:                      # disk full, quota, I/O error: on any rank
-            return (f"saving checkpoint step {step} failed on rank {self.rank}: {e.strerror or e} "
-                    f"({e.filename or self.root}); the previous checkpoint {prev or '(none)'} is intact")
+        def failed(e: Exception) -> str:                    # disk full, quota, I/O error: on any rank
+            why = (getattr(e, "strerror", None) or str(e).strip().splitlines()[0] if str(e).strip()
+                   else type(e).__name__)
+            try:
+                st = os.statvfs(self.root)
+                free = st.f_bavail * st.f_frsize
+                if free < 16 << 20:
+                    why += f"; No space left on device? {free // 1024} KiB free"
+            except OSError:
+                pass
+            return (f"saving checkpoint step {step} failed on rank {self.rank}: {why} "
+                    f"({getattr(e, 'filename', None) or self.root}); the previous checkpoint {prev or '(none)'} "
+                    "is intact")
         root, rank = self.root, self.rank
         tag = tag_for(step)
         part_tag = tag + PARTIAL
@@ -214,7 +224,7 @@ class CheckpointManager:
         files, err = None, None
         try:
             files = self._write_rank_files(engine, part_tag, part_dir)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:                # torch.save reports a failed write as RuntimeError
             err = failed(e)
         _maybe_kill("files-written", rank, tag)
         gathered = _gather((files, err))
@@ -230,7 +240,7 @@ class CheckpointManager:
         if rank == 0:
             try:
                 self._publish(engine, scheduler, data, train, tag, part_dir, final_dir, all_files)
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 shutil.rmtree(part_dir, ignore_errors=True)
                 err = failed(e)
         _all_ok(err)

@@ -140,6 +140,17 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _finite(v: Any) -> Any:
+    """NaN / infinities anywhere in a row -> None (strict JSON)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _duration(s: float) -> str:
     if s is None or not math.isfinite(s) or s < 0:
         return "?"
@@ -226,7 +237,7 @@ class Monitor:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(row, default=str, allow_nan=False) + "\n")
+        self._file.write(json.dumps(_finite(row), default=str, allow_nan=False) + "\n")
         self._file.flush()
 
     def _clean(self, metrics: dict) -> dict:
