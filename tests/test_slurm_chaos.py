@@ -37,12 +37,13 @@ def _max_step(run_dir) -> int:
 
 
 def _rank_main(job: str, rank: int) -> psutil.Process | None:
-    """The main process of a rank of the job (its parent is slurmstepd; loader workers are its children)."""
+    """The main process of a rank of the job (its parent is the task's shell, train.sbatch's rank
+    wrapper; loader workers are its children)."""
     for p in psutil.process_iter(["name"]):
         try:
             env = p.environ()
             if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank) \
-                    and "launcher.cli" in " ".join(p.cmdline()) and p.parent().name() == "slurmstepd":
+                    and "launcher.cli" in " ".join(p.cmdline()) and p.parent().name() in ("bash", "slurmstepd"):
                 return p
         except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
             continue

@@ -134,7 +134,10 @@ class Trainer:
 
     def resume(self) -> str | None:
         """Continues from checkpoint.resume (the run's latest, a tag, or a Hugging Face folder), if any."""
-        return self.checkpoints.resume(**self.stateful())
+        self.watchdog.beat(self.step, "resume")
+        out = self.checkpoints.resume(**self.stateful())
+        self.watchdog.beat(self.step, "data")
+        return out
 
     def save_checkpoint(self) -> str:
         self.watchdog.beat(self.step, "checkpoint")
