@@ -53,13 +53,16 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     guard: StepGuard = field(default_factory=lambda: StepGuard(0))
+    data_counters: dict = field(default_factory=dict)   # bad samples, packing stats: data-parallel totals
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, **self.guard.state_dict()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, **self.guard.state_dict(),
+                "data_counters": dict(self.data_counters)}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens_seen = int(d["step"]), int(d.get("tokens_seen", 0))
         self.guard.load_state_dict(d)
+        self.data_counters = dict(d.get("data_counters") or {})
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -136,11 +139,25 @@ class Trainer:
         """Continues from checkpoint.resume (the run's latest, a tag, or a Hugging Face folder), if any."""
         self.watchdog.beat(self.step, "resume")
         out = self.checkpoints.resume(**self.stateful())
+        c = self.state.data_counters
+        if c and self.dp_rank == 0:                     # totals restored once (on data-parallel rank 0)
+            self.stream.skipped = int(c.get("bad_samples", 0))
+            self.stream.stats = {k: int(v) for k, v in c.get("packing", {}).items()}
         self.watchdog.beat(self.step, "data")
         return out
 
+    def data_totals(self) -> dict:
+        """Collective: bad samples and packing stats summed over the data-parallel ranks (each
+        counted once: TP ranks of a group read the same data and are not summed)."""
+        keys = sorted(self.stream.stats)
+        t = torch.tensor([float(self.stream.skipped)] + [float(self.stream.stats[k]) for k in keys],
+                         dtype=torch.float64)
+        t = all_reduce(t, self.device, self.dp_group)
+        return {"bad_samples": int(t[0].item()), "packing": {k: int(v) for k, v in zip(keys, t[1:].tolist())}}
+
     def save_checkpoint(self) -> str:
         self.watchdog.beat(self.step, "checkpoint")
+        self.state.data_counters = self.data_totals()
         return self.checkpoints.save(**self.stateful())
 
     # ------------------------------------------------------------------ one step
@@ -296,6 +313,7 @@ class Trainer:
         tokens = window["tgt_tokens"] + window["src_tokens"]
         step_time = elapsed / max(n_steps, 1)
         world = self.env.world_size
+        totals = self.data_totals()
         metrics = {
             "loss": window["loss"] / n_steps, "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": self.grad_norm(),
@@ -304,9 +322,9 @@ class Trainer:
             "step_time_s": step_time, "data_wait_frac": data_wait / elapsed, "tokens_seen": self.state.tokens_seen,
             "mfu": flops.mfu(window["flops"] / n_steps, step_time, self.peak_flops, world),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.startswith("cuda") else 0.0,
-            "skipped_samples": self.stream.skipped, "skipped_steps": self.state.guard.skipped,
+            "skipped_samples": totals["bad_samples"], "skipped_steps": self.state.guard.skipped,
             "pad_frac": window["pad_frac"] / n_steps,
-            **{f"packing_{k}": v for k, v in self.stream.stats.items()},
+            **{f"packing_{k}": v for k, v in totals["packing"].items()},
         }
         self.monitor.log(self.step, metrics)
 
