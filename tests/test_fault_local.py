@@ -116,7 +116,7 @@ def test_term_and_usr1_to_every_process_of_the_ranks(tiny_pairs, tmp_path):
 
 
 def test_ctrl_c_checkpoints_and_busy_folder_is_refused_then_taken_over(tiny_pairs, tmp_path):
-    common = [f"data.train={tiny_pairs['train']}", "train.steps=400", "checkpoint.every=0", "model.dropout=0.1"]
+    common = [f"data.train={tiny_pairs['train']}", "checkpoint.every=0", "model.dropout=0.1", "train.steps=100000"]
     run = tmp_path / "run"
     p = _start([*common, f"out_dir={run}"])
     _wait(lambda: _rows(run) >= 3 or p.poll() is not None, 240, "training to start")
@@ -140,7 +140,7 @@ def test_ctrl_c_checkpoints_and_busy_folder_is_refused_then_taken_over(tiny_pair
     p.kill()
     p.communicate()
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    out = _finish(_start([*common[:-2], "train.steps=" + str(int(latest[4:]) + 2), f"out_dir={run}"]))
+    out = _finish(_start([*common[:-1], "train.steps=" + str(int(latest[4:]) + 2), f"out_dir={run}"]))
     assert "taking over from a run that is gone" in out and f"resumed from {run}/checkpoints/{latest}" in out, \
         out[-3000:]
 

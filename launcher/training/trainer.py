@@ -106,8 +106,7 @@ class Trainer:
         self.peak_flops = flops.peak_flops(self.device, cfg.train.precision)
         self.stop = stop or StopSignal().install()
         self._grad_norm = 0.0
-        self.watchdog = Watchdog(cfg.train.hang_timeout_s, env.rank, env.world_size,
-                                 store=dist.distributed_c10d._get_default_store()).start()
+        self.watchdog = Watchdog(cfg.train.hang_timeout_s, env.rank, env.world_size).start()
 
     def _lock_run_dir(self) -> RunLock | None:
         """Rank 0 takes the run folder (launcher/training/runlock.py); every rank hears if it is busy."""

@@ -20,6 +20,23 @@ import time
 EXIT_HANG = 3
 
 
+def _own_store_client():
+    """A client of the rendezvous key-value store (MASTER_ADDR:MASTER_PORT) for this thread alone,
+    so heartbeats never share a connection with the main thread's collectives; None if unreachable."""
+    import datetime
+
+    import torch.distributed as dist
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10),
+                             wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001 - heartbeats are a nicety; the local check works without them
+        print(f"watchdog: no heartbeats ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return None
+
+
 class Watchdog:
     def __init__(self, timeout_s: float, rank: int, world: int, store=None, poll_s: float | None = None):
         self.timeout, self.rank, self.world, self.store = timeout_s, rank, world, store
@@ -29,7 +46,10 @@ class Watchdog:
         self._thread = None
 
     def start(self) -> "Watchdog":
+        if self.timeout > 0 and self.store is None:
+            self.store = _own_store_client()
         if self.timeout > 0:
+            self._publish()                       # this rank is known from the start
             self._thread = threading.Thread(target=self._run, name="encdec-watchdog", daemon=True)
             self._thread.start()
         return self
@@ -46,7 +66,8 @@ class Watchdog:
         try:
             self.store.set(f"encdec/beat/{self.rank}", json.dumps(
                 {"step": self.step, "phase": self.phase, "wall": time.time()}))
-        except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0; the local check still works
+        except Exception as e:  # noqa: BLE001 - the store may be gone with a dead rank 0; the local check works
+            print(f"watchdog: rank {self.rank}: heartbeats off ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
             self.store = None
 
     def _peers(self) -> str:
@@ -56,7 +77,8 @@ class Watchdog:
         beats = {}
         for r in range(self.world):
             try:
-                self.store.wait([f"encdec/beat/{r}"], __import__("datetime").timedelta(seconds=1))
+                if not self.store.check([f"encdec/beat/{r}"]):
+                    raise KeyError(r)
                 beats[r] = json.loads(self.store.get(f"encdec/beat/{r}"))
             except Exception:  # noqa: BLE001
                 beats[r] = None
