@@ -43,16 +43,18 @@ def _train_checked(data, out, *over):
 
 def _paths(data, base):
     res = {}
+    # first (DeepSpeed keeps a tp engine's mpu for later engines of the process): a tp1 x dp4
+    # checkpoint at step 1, to seed a tp2 x dp2 run below
+    other = os.path.join(base, "dp4")
+    t = trainer(data, other, "parallel.tp=1", "parallel.zero_stage=1", "model.dropout=0.1", "train.steps=1",
+                "train.micro_batch_size=2")
+    t.train()
     res["fresh"] = _train_checked(data, os.path.join(base, "fresh"))
     # same layout: stopped after step 1 (a checkpoint), resumed to 3
     run = os.path.join(base, "same")
     trainer_ = _train_checked(data, run, "train.steps=1")
     res["same-layout resume"] = _train_checked(data, run)
     del trainer_
-    # another layout: a tp1 x dp4 checkpoint at step 1 seeds a tp2 x dp2 run
-    other = os.path.join(base, "dp4")
-    t = trainer(data, other, "parallel.tp=1", "parallel.zero_stage=1", "model.dropout=0.1", "train.steps=1")
-    t.train()
     res["other-layout resume"] = _train_checked(data, os.path.join(base, "from-dp4"),
                                                 f"checkpoint.resume={other}/checkpoints")
     # a Hugging Face folder
