@@ -22,11 +22,11 @@ from tests.slurm_helpers import CPU_ARGS, ROOT, job_info, read_text, sbatch, slu
 from tests.test_slurm import slurm_cluster  # noqa: F401 - the shared cluster fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-STEPS, POISON = 70, 52        # the poisoned batch: rank 1's at step index 52 (logged as step 53)
+STEPS, POISON = 300, 260       # the poisoned batch: rank 1's at step index 260 (logged as step 261)
 
 
 def _overrides(data):
-    return [f"data.train={data}", f"train.steps={STEPS}", "checkpoint.every=5", "checkpoint.keep=3",
+    return [f"data.train={data}", f"train.steps={STEPS}", "checkpoint.every=10", "checkpoint.keep=3",
             "data.num_workers=1", "model.dropout=0.1", "parallel.zero_stage=2", "train.hang_timeout_s=8"]
 
 
@@ -100,7 +100,7 @@ def test_chaos_soak_ends_completed_and_equal(slurm_cluster, tiny_pairs, tmp_path
     wait_for(lambda: log_has("restart 1/5"), 120, "the restart after kill -9")
     t_detect = time.monotonic() - t0
     at4 = progress_past(max(at3, before) + 6, "training after kill -9")
-    report["kill -9"] = (t_detect, time.monotonic() - t0, before % 5)
+    report["kill -9"] = (t_detect, time.monotonic() - t0, before % 10)
     # 4. SIGSTOP of rank 1: rank 0's watchdog names it (hang_timeout_s=8) and exits; restart
     victim = wait_for(lambda: _rank_main(job, 1), 60, "rank 1")
     before = _max_step(run)
@@ -110,7 +110,7 @@ def test_chaos_soak_ends_completed_and_equal(slurm_cluster, tiny_pairs, tmp_path
     t_detect = time.monotonic() - t0
     wait_for(lambda: log_has("restart 2/5"), 120, "the restart after the hang")
     progress_past(max(at4, before) + 3, "training after the hang")
-    report["SIGSTOP"] = (t_detect, time.monotonic() - t0, before % 5)
+    report["SIGSTOP"] = (t_detect, time.monotonic() - t0, before % 10)
     info = wait_job(job, 400)
     log = read_text(log_path)
     out_ref, _ = r.communicate(timeout=400)

@@ -248,7 +248,7 @@ class Trainer:
         if self.is_rank0:
             allk = [k for ks in per_rank for k in ks]
             shown = ", ".join(k or "<placeholder>" for k in allk[:32]) + (" ..." if len(allk) > 32 else "")
-            print(f"step {step} skipped ({why}); skipped_steps={self.state.guard.skipped}; "
+            print(f"step {step} skipped ({why}); skipped_steps={self.state.guard.skipped + 1}; "
                   f"batch keys ({len(allk)}): {shown}", flush=True)
 
     def train(self) -> dict:
