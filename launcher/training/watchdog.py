@@ -18,6 +18,7 @@ import threading
 import time
 
 EXIT_HANG = 3
+STARTUP_S = 120.0       # until this rank's first step is done (engine build, loader start, slower peers)
 
 
 def _own_store_client():
@@ -42,6 +43,7 @@ class Watchdog:
         self.timeout, self.rank, self.world, self.store = timeout_s, rank, world, store
         self.poll = poll_s or max(0.2, min(5.0, timeout_s / 10))
         self.step, self.phase, self.t = 0, "start", time.monotonic()
+        self.first_step = None              # the step this process started at; a later one = trained
         self._stop = threading.Event()
         self._thread = None
 
@@ -55,7 +57,14 @@ class Watchdog:
         return self
 
     def beat(self, step: int, phase: str) -> None:
+        if self.first_step is None and phase == "forward/backward":
+            self.first_step = step
         self.step, self.phase, self.t = step, phase, time.monotonic()
+
+    def limit(self) -> float:
+        """The allowed silence: train.hang_timeout_s, but at least STARTUP_S until the first step is done."""
+        started = self.first_step is not None and self.step > self.first_step
+        return self.timeout if started else max(self.timeout, STARTUP_S)
 
     def close(self) -> None:
         self._stop.set()
@@ -83,7 +92,7 @@ class Watchdog:
             except Exception:  # noqa: BLE001
                 beats[r] = None
         now = time.time()
-        silent = [r for r, b in beats.items() if b is None or now - b["wall"] > self.timeout]
+        silent = [r for r, b in beats.items() if b is None or now - b["wall"] > min(self.timeout, 2 * self.poll + 1)]
         behind = min((b["step"] for b in beats.values() if b), default=None)
         parts = [f"rank {r}: " + ("no beat" if beats[r] is None else
                                   f"step {beats[r]['step']} {beats[r]['phase']}, silent {now - beats[r]['wall']:.0f} s")
@@ -94,7 +103,7 @@ class Watchdog:
         while not self._stop.wait(self.poll):
             self._publish()
             idle = time.monotonic() - self.t
-            if idle > self.timeout:
+            if idle > self.limit():
                 peers = self._peers()
                 print(f"encdec: hang: rank {self.rank} made no progress for {idle:.0f} s "
                       f"(train.hang_timeout_s={self.timeout:g}) at step {self.step}, phase {self.phase}"
