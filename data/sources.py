@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import braceexpand
 
+from data.procs import ignore_stop_signals
+
 MANIFEST = "manifest.json"
 
 
@@ -104,7 +106,35 @@ def load_manifest_at(url: str) -> dict:
     for i, s in enumerate(man["shards"]):
         if not isinstance(s, dict) or "name" not in s or not isinstance(s.get("num_samples"), int):
             raise DataError(f"{url}: manifest shard {i} needs 'name' and an integer 'num_samples'")
+        why = unsafe_name(s["name"])
+        if why:
+            raise DataError(f"{url}: manifest shard {i} name {str(s['name'])[:200]!r} refused: {why} (a manifest "
+                            "names its shards by plain relative file names; pipe: and URLs only from your config)")
     return man
+
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def unsafe_name(name) -> str:
+    """Why a shard name read from a manifest is not a plain relative file name ("" when it is).
+
+    A manifest is data (it may come from a download or a URL): its names are joined to the
+    manifest's own folder, never run (`pipe:`), fetched elsewhere (a scheme) or allowed out of
+    that folder (absolute paths, `..`, `~`)."""
+    if not isinstance(name, str) or not name.strip():
+        return "not a non-empty string"
+    if any(c in name for c in "\0\n\r\\") or not name.isprintable():
+        return "control characters or backslashes"
+    if _SCHEME.match(name):
+        return "a command or URL scheme"
+    if name.startswith(("/", "~")):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' component"
+    if any(c in name for c in "{}*?[") or "::" in name:
+        return "pattern characters"
+    return ""
 
 
 def _exists_all(urls: list[str]) -> None:
@@ -181,12 +211,16 @@ def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
 # ----------------------------------------------------------------------------- reading tar shards
 
 class _Pipe:
-    """stdout of a shell command as a binary file; knows the command's exit status."""
+    """stdout of a shell command as a binary file; knows the command's exit status.
+
+    The command runs in its own session with the stop signals ignored: a USR1/TERM sent to the
+    job step (or Ctrl-C to the terminal) must not cut the shard short. It ends when the reader
+    closes it (SIGKILL) or its reader goes away (SIGPIPE)."""
 
     def __init__(self, cmd: str):
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=1 << 20)
+                                     bufsize=1 << 20, start_new_session=True, preexec_fn=ignore_stop_signals)
 
     def read(self, n: int) -> bytes:
         return self.proc.stdout.read(n)

@@ -50,6 +50,7 @@ from data.objectives import collate, corrupted_segments, placeholder, span_corru
 from data.packing import bucket_assign
 from data.reader import PackedReader, StreamReader, seeded_rng
 from data.records import BadSamples
+from data import procs
 from data.sources import DataError, Shard, resolve_source
 from data.spec import StreamSpec
 
@@ -286,8 +287,11 @@ class DataStream:
         ds = _RankParts(self.spec, self.g, self.dp_rank, self.dp_size, self.micro_batch, n_micro)
         if self.num_workers == 0:
             return iter(ds)
-        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                                                persistent_workers=False, prefetch_factor=4))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                                             persistent_workers=False, prefetch_factor=4,
+                                             worker_init_fn=procs.worker_init)   # stop signals: data/procs.py
+        with procs.blocked():                           # the workers start here
+            return iter(loader)
 
     def __iter__(self):
         nw, mb = max(1, self.num_workers), self.micro_batch

@@ -6,6 +6,8 @@ Every expected failure (bad config, missing or bad input, bad checkpoint) ends w
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 
@@ -34,6 +36,9 @@ def _train(a) -> int:
         resolve_inputs(cfg)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                "-m", "launcher.cli", "train", a.config, *a.overrides]
+        # Ctrl-C reaches torchrun and every rank from the terminal: the ranks stop with a checkpoint,
+        # torchrun waits for them; this process just waits too (a handler, not SIG_IGN: not inherited)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
         return subprocess.call(cmd)
     stop = StopSignal().install()                   # before the slow imports: a signal now is kept
     cfg = load_config(a.config, a.overrides)
@@ -166,6 +171,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mark_user_error(cmd: str, msg: str) -> None:
+    """Under slurm/train.sbatch (ENCDEC_RUN_DIR set): RUN_DIR/user_error tells the script not to
+    restart (a bad config, data or a diverged run would fail the same way again)."""
+    run_dir = os.environ.get("ENCDEC_RUN_DIR")
+    if cmd != "train" or not run_dir or not os.path.isdir(run_dir):
+        return
+    try:
+        tmp = os.path.join(run_dir, f".user_error.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(msg + "\n")
+        os.replace(tmp, os.path.join(run_dir, "user_error"))
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
@@ -179,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CorpusError, CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"encdec: error: {msg}", file=sys.stderr)
+        _mark_user_error(args.cmd, msg)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -93,6 +93,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     collective_timeout_s: int = 600  # a dead rank ends the job instead of hanging it
     compile: bool = False           # torch.compile each encoder/decoder layer (any ZeRO stage and tp)
+    max_bad_steps: int = 20         # consecutive skipped (non-finite / spiking) steps before the run stops; 0 = never
+    spike_z: float = 0.0            # skip a step whose loss is this many std above the recent mean; 0 = off
+    spike_window: int = 100         # steps in that rolling mean / std
+    hang_timeout_s: float = 300.0   # a rank with no progress this long ends the job (naming rank, step, phase); 0 = off
 
 
 @dataclass
@@ -300,6 +304,10 @@ def validate(cfg: RunConfig) -> None:
            f"lengths {d.max_src_len}/{d.max_tgt_len} exceed model.max_positions={m.max_positions}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0, got {t.max_bad_steps}")
+    _check(t.spike_z >= 0, "train.spike_z", f"must be >= 0 (0 = off), got {t.spike_z}")
+    _check(t.spike_window >= 2, "train.spike_window", f"must be >= 2, got {t.spike_window}")
+    _check(t.hang_timeout_s >= 0, "train.hang_timeout_s", f"must be >= 0 (0 = off), got {t.hang_timeout_s}")
     _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")

@@ -7,13 +7,20 @@
 #
 # Runs as root (it installs Debian packages and starts daemons). The emulated nodes node1 and
 # node2 are two slurmd processes on 127.0.0.1 with one port each. Everything the daemons write
-# (state, spool, logs, pid files, the job completion log) lives in STATE_DIR.
-# It writes /etc/slurm/slurm.conf (where sbatch/squeue look) and refuses to replace one it did
-# not write itself, so it never clobbers a real cluster's configuration.
+# (state, spool, logs, pid files, the job completion log) and the cluster's own configuration,
+# STATE_DIR/slurm.conf, live in STATE_DIR. /etc/slurm/slurm.conf is never read nor written: the
+# daemons and every client command get SLURM_CONF=STATE_DIR/slurm.conf, and so must the commands
+# you run against this cluster:
+#
+#   export SLURM_CONF=STATE_DIR/slurm.conf; sbatch ...; squeue
+#
+# Ports (to run a second cluster beside one that is up): SLURM_CLUSTER_PORT (slurmctld; slurmd's
+# default port is the next one, default 6817) and SLURM_CLUSTER_NODE_PORT (node1's port, node2's is
+# the next one; default 17001), and SLURM_CLUSTER_FIRST_JOB_ID (default 1: job ids, and so the
+# jobs' default rendezvous ports, 20000 + id % 10000, differ from the other cluster's).
 set -euo pipefail
 
 MARKER="# written by encdec scripts/slurm_cluster.sh (local test cluster)"
-CONF=/etc/slurm/slurm.conf
 NODES=(node1 node2)
 PKGS=(slurmctld slurmd slurm-client munge)
 START_TIMEOUT=${SLURM_CLUSTER_START_TIMEOUT:-60}   # seconds until both nodes must be idle
@@ -26,6 +33,13 @@ usage() { echo "usage: $0 {start|stop|status} STATE_DIR" >&2; exit 2; }
 [[ $# -eq 2 ]] || usage
 CMD=$1
 STATE=$(realpath -m -- "$2")
+CONF=$STATE/slurm.conf
+export SLURM_CONF=$CONF          # the daemons and sinfo/squeue/scancel/scontrol below read this config
+CTLD_PORT=${SLURM_CLUSTER_PORT:-6817}
+NODE_PORT=${SLURM_CLUSTER_NODE_PORT:-17001}
+FIRST_JOB_ID=${SLURM_CLUSTER_FIRST_JOB_ID:-1}
+[[ $CTLD_PORT =~ ^[0-9]+$ && $NODE_PORT =~ ^[0-9]+$ && $FIRST_JOB_ID =~ ^[0-9]+$ ]] \
+  || die "SLURM_CLUSTER_PORT / SLURM_CLUSTER_NODE_PORT / SLURM_CLUSTER_FIRST_JOB_ID: not numbers"
 
 alive() {   # alive PIDFILE [COMM] -> 0 when the pid in the file runs (and is named COMM)
   local pid
@@ -65,21 +79,10 @@ install_packages() {
   fi
 }
 
-conf_state() {   # the StateSaveLocation's parent of the config we wrote earlier, if any
-  [[ -f $CONF ]] || return 0
-  sed -n 's/^StateSaveLocation=\(.*\)\/ctld$/\1/p' "$CONF" | head -n1
-}
-
 write_conf() {
   if [[ -e $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
-    die "$CONF exists and was not written by this script (a real cluster?); refusing to replace it"
+    die "$CONF exists and was not written by this script; refusing to replace it"
   fi
-  local old
-  old=$(conf_state)
-  if [[ -n $old && $old != "$STATE" ]] && alive "$old/slurmctld.pid" slurmctld; then
-    die "a local cluster from $old is running; stop it first: $0 stop $old"
-  fi
-  mkdir -p /etc/slurm
   local tmp="$CONF.tmp$$"
   cat >"$tmp" <<EOF
 $MARKER
@@ -102,16 +105,17 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
+FirstJobId=$FIRST_JOB_ID
 MailProg=/bin/true
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$((CTLD_PORT + 1))
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-NodeName=node[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001-17002 CPUs=2 RealMemory=2048 State=UNKNOWN
+NodeName=node[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=$NODE_PORT-$((NODE_PORT + 1)) CPUs=2 RealMemory=2048 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
   mv -f "$tmp" "$CONF"
@@ -161,10 +165,11 @@ start() {
   add_hosts
   start_munged
   if ! alive "$STATE/slurmctld.pid" slurmctld; then
-    slurmctld 9>&- || { tail_logs; die "slurmctld did not start"; }
+    slurmctld -f "$CONF" 9>&- || { tail_logs; die "slurmctld did not start"; }
   fi
   for n in "${NODES[@]}"; do
-    alive "$STATE/slurmd-$n.pid" slurmd || slurmd -N "$n" 9>&- || { tail_logs; die "slurmd -N $n did not start"; }
+    alive "$STATE/slurmd-$n.pid" slurmd || slurmd -f "$CONF" -N "$n" 9>&- \
+      || { tail_logs; die "slurmd -N $n did not start"; }
   done
   local deadline=$(($(date +%s) + START_TIMEOUT))
   until nodes_idle; do
@@ -175,7 +180,7 @@ start() {
     fi
     sleep 0.2
   done
-  log "up: ${NODES[*]} idle, state in $STATE ($(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}') s)"
+  log "up: ${NODES[*]} idle, SLURM_CONF=$CONF ($(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}') s)"
 }
 
 # ----------------------------------------------------------------------------- stop
@@ -218,7 +223,10 @@ stop() {
       wait_gone 10 "${pids[@]}" || { kill -KILL "${pids[@]}" 2>/dev/null || true; }
     fi
   fi
-  if alive "$STATE/munged.pid" munged; then
+  if alive "$STATE/munged.pid" munged && pgrep -x slurmctld >/dev/null; then
+    # another local cluster (another state folder) still runs and uses this munged: leave it
+    log "munged (pid $(<"$STATE/munged.pid")) left running: another slurmctld uses it"
+  elif alive "$STATE/munged.pid" munged; then
     f=$(<"$STATE/munged.pid")
     kill -TERM "$f"
     wait_gone 10 "$f" || die "munged (pid $f) did not stop"

@@ -13,6 +13,17 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # With async error handling, a collective that exceeds train.collective_timeout_s aborts the
 # process (non-zero exit), and srun --kill-on-bad-exit then ends every other rank.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# Flight recorder: each rank keeps its last N collectives (op, sizes, process group, state) and,
+# when a collective times out, dumps them (one file per rank) so the rank that never joined can be
+# found (`python -m torch.distributed.flight_recorder.fr_trace DIR` reads them).
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-${ENCDEC_RUN_DIR:-/tmp}/nccl_trace_rank_}
+# NCCL's own watchdog thread: a process group whose watchdog is stuck this long is aborted
+export TORCH_NCCL_ENABLE_MONITORING=${TORCH_NCCL_ENABLE_MONITORING:-1}
+export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-600}
+# The trainer's hang watchdog (train.hang_timeout_s, default 300 s) fires first, naming the rank,
+# step and phase; the collective timeout (train.collective_timeout_s, 600 s) is the backstop.
 export PYTHONFAULTHANDLER=1                  # Python stack traces on fatal signals
 export PYTHONUNBUFFERED=1                    # log lines reach the job log as they are written
 

@@ -1,7 +1,10 @@
 """Driving the local Slurm cluster from tests: start/stop shared by concurrent sessions, submit, poll.
 
-The cluster (scripts/slurm_cluster.sh) is one per machine. Several pytest sessions may use it at
-once, so each session registers itself under STATE/users/ and only the last one leaving stops it.
+The cluster (scripts/slurm_cluster.sh) is one per state folder. Several pytest sessions may use it
+at once, so each session registers itself under STATE/users/ and only the last one leaving stops it.
+It runs on its own configuration, STATE/slurm.conf (never /etc/slurm/slurm.conf): every Slurm
+command the tests run gets SLURM_CONF (start() also sets it in os.environ, so plain
+subprocess.run(["scancel", ...]) and the jobs' own srun/scontrol find the same cluster).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_SH = os.path.join(ROOT, "scripts", "slurm_cluster.sh")
 SBATCH = os.path.join(ROOT, "slurm", "train.sbatch")
 STATE_DIR = os.environ.get("ENCDEC_SLURM_STATE", "/tmp/encdec-slurm-state")
+SLURM_CONF = os.path.join(STATE_DIR, "slurm.conf")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
 # CPU jobs on the emulated nodes: no GPUs asked (the header asks for --gres=gpu:8).
@@ -30,8 +34,14 @@ def cannot_run_reason() -> str | None:
     return None
 
 
-def _run_cluster(cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", CLUSTER_SH, cmd, STATE_DIR], capture_output=True, text=True, timeout=300)
+def slurm_env(extra: dict | None = None) -> dict:
+    """The environment for a Slurm command against the local cluster."""
+    return {**os.environ, **(extra or {}), "SLURM_CONF": SLURM_CONF}
+
+
+def _run_cluster(cmd: str, state: str = STATE_DIR) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", CLUSTER_SH, cmd, state], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SLURM_CONF": os.path.join(state, "slurm.conf")})
 
 
 class SharedCluster:
@@ -53,11 +63,12 @@ class SharedCluster:
         with self._locked():
             open(self.me, "w").close()
             t0 = time.perf_counter()
-            r = _run_cluster("start")
+            r = _run_cluster("start", self.state)
             self.start_s = time.perf_counter() - t0
             if r.returncode:
                 os.remove(self.me)
                 raise RuntimeError(f"scripts/slurm_cluster.sh start failed:\n{r.stdout}{r.stderr}")
+            os.environ["SLURM_CONF"] = os.path.join(self.state, "slurm.conf")
             return r.stdout.strip()
 
     def release(self) -> None:
@@ -68,7 +79,7 @@ class SharedCluster:
                 if not _pid_alive(int(name)):
                     os.remove(os.path.join(self.users, name))
             if not os.listdir(self.users):
-                r = _run_cluster("stop")
+                r = _run_cluster("stop", self.state)
                 if r.returncode:
                     raise RuntimeError(f"scripts/slurm_cluster.sh stop failed:\n{r.stdout}{r.stderr}")
 
@@ -83,7 +94,7 @@ def _pid_alive(pid: int) -> bool:
 
 def sbatch(args: list[str], env: dict, cwd: str = ROOT) -> str:
     """Submits slurm/train.sbatch with extra sbatch options; returns the job id."""
-    full_env = {**os.environ, **env}
+    full_env = slurm_env(env)
     r = subprocess.run(["sbatch", "--parsable", *args, SBATCH], capture_output=True, text=True,
                        env=full_env, cwd=cwd, timeout=60)
     assert r.returncode == 0, f"sbatch failed: {r.stderr}"
@@ -92,7 +103,8 @@ def sbatch(args: list[str], env: dict, cwd: str = ROOT) -> str:
 
 def job_info(job_id: str) -> dict:
     """`scontrol show job` as a dict ({} once Slurm has forgotten the job)."""
-    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
+                       env=slurm_env())
     if r.returncode:
         return {}
     info = {}
@@ -113,7 +125,7 @@ def wait_job(job_id: str, timeout: float, until=lambda info: info.get("JobState"
         if info and until(info):
             return info
         time.sleep(poll)
-    subprocess.run(["scancel", job_id], timeout=30)
+    subprocess.run(["scancel", job_id], timeout=30, env=slurm_env())
     raise AssertionError(f"job {job_id} did not reach the expected state in {timeout:.0f} s: "
                          f"{info.get('JobState')} ({info.get('Reason')})")
 

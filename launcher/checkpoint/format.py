@@ -165,6 +165,23 @@ def resolve_resume(cfg) -> tuple[str, str] | None:
         raise CheckpointError(f"config key 'checkpoint.resume': checkpoint not found: {path}")
     if own and not path.startswith(os.path.abspath(root) + os.sep) and path != os.path.abspath(root):
         return root, own
+    if own and rolled_back_since(root, path, own):      # a rollback that already ran: continue its own line
+        return root, own
     if os.path.isfile(os.path.join(path, LATEST)):
         return path, read_latest(path)
     return os.path.dirname(path), os.path.basename(path)
+
+
+ROLLBACK = "rollback.json"
+
+
+def rolled_back_since(root: str, path: str, own: str) -> bool:
+    """True when this run already resumed from `path` (a rollback to one of its own tags) and has
+    saved since: a requeued job with the same checkpoint.resume continues from `latest` instead of
+    going back again."""
+    try:
+        with open(os.path.join(root, ROLLBACK), encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return rec.get("resume") == path and rec.get("latest_then") != own

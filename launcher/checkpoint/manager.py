@@ -20,6 +20,7 @@ checked against its recorded size and sha256 first, and every file is loaded wit
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -31,8 +32,9 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from tokenizers import Tokenizer
 
 from common.atomic import atomic_write, file_digest, fsync_dir, fsync_file
-from launcher.checkpoint.format import (LATEST, PARTIAL, STATE_FILE, CheckpointError, check_compatible, ckpt_root,
-                                        is_hf_folder, load_pt, read_state, resolve_resume, tag_for, verify_files)
+from launcher.checkpoint.format import (LATEST, PARTIAL, ROLLBACK, STATE_FILE, CheckpointError, check_compatible,
+                                        ckpt_root, is_hf_folder, load_pt, read_latest, read_state, resolve_resume,
+                                        tag_for, verify_files)
 from launcher.checkpoint.hf_folder import hf_state
 from launcher.checkpoint.reader import CheckpointReader
 from launcher.checkpoint.reshard import load_into_engine
@@ -115,6 +117,43 @@ def _prune(root: str, keep: int, keep_tag: str) -> None:
             shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps two folders (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0
+
+
+def _move_into_place(part_dir: str, final_dir: str) -> None:
+    """part_dir -> final_dir. A re-save of an existing step (after a rollback) swaps the two folders
+    in one step, so the folder `latest` may name exists at every instant; the old one is removed after."""
+    if not os.path.isdir(final_dir):
+        os.rename(part_dir, final_dir)
+        return
+    if _exchange(part_dir, final_dir):
+        shutil.rmtree(part_dir)                         # now the old content
+        return
+    old = final_dir + ".replaced"                       # no RENAME_EXCHANGE: a short window, latest moved first
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final_dir, old)
+    os.rename(part_dir, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _params_finite(engine) -> bool:
+    """This rank's share of the parameters (ZeRO-3: its partition) holds only finite values."""
+    for p in engine.module.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
 def _check_tokenizer(tag_dir: str, run_tok: str) -> None:
     """The checkpoint's tokenizer must map the same tokens to the same ids as the run's."""
     tok = os.path.join(tag_dir, "tokenizer.json")
@@ -153,55 +192,97 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, engine, scheduler, data, train) -> str:
         """Collective: writes checkpoint step<train.step>; returns its folder."""
-        root, rank, step = self.root, self.rank, train.state_dict()["step"]
+        step = train.state_dict()["step"]
+        # never a checkpoint from non-finite state: `latest` (and what `keep` keeps) stays good
+        _all_ok(None if _params_finite(engine) else
+                f"refusing to save checkpoint step {step}: rank {self.rank} has non-finite parameters")
+        prev = read_latest(self.root) if os.path.isfile(os.path.join(self.root, LATEST)) else None
+
+        def failed(e: Exception) -> str:                    # disk full, quota, I/O error: on any rank
+            why = (getattr(e, "strerror", None) or str(e).strip().splitlines()[0] if str(e).strip()
+                   else type(e).__name__)
+            try:
+                st = os.statvfs(self.root)
+                free = st.f_bavail * st.f_frsize
+                if free < 16 << 20:
+                    why += f"; No space left on device? {free // 1024} KiB free"
+            except OSError:
+                pass
+            return (f"saving checkpoint step {step} failed on rank {self.rank}: {why} "
+                    f"({getattr(e, 'filename', None) or self.root}); the previous checkpoint {prev or '(none)'} "
+                    "is intact")
+        root, rank = self.root, self.rank
         tag = tag_for(step)
         part_tag = tag + PARTIAL
         part_dir, final_dir = os.path.join(root, part_tag), os.path.join(root, tag)
         if rank == 0:
             os.makedirs(root, exist_ok=True)
             for t in os.listdir(root):                      # leftovers of killed saves
-                if t.endswith(PARTIAL):
+                if t.endswith(PARTIAL) or t.endswith(".replaced"):
                     shutil.rmtree(os.path.join(root, t), ignore_errors=True)
         dist.barrier()
-        io = _install_io(engine, rank)
+        files, err = None, None
+        try:
+            files = self._write_rank_files(engine, part_tag, part_dir)
+        except (OSError, RuntimeError) as e:                # torch.save reports a failed write as RuntimeError
+            err = failed(e)
+        _maybe_kill("files-written", rank, tag)
+        gathered = _gather((files, err))
+        errs = [e for _, e in gathered if e]
+        if errs:
+            if rank == 0:
+                shutil.rmtree(part_dir, ignore_errors=True)
+            raise CheckpointError(errs[0])
+        all_files = {}
+        for d, _ in gathered:
+            all_files.update(d)
+        err = None
+        if rank == 0:
+            try:
+                self._publish(engine, scheduler, data, train, tag, part_dir, final_dir, all_files)
+            except (OSError, RuntimeError) as e:
+                shutil.rmtree(part_dir, ignore_errors=True)
+                err = failed(e)
+        _all_ok(err)
+        dist.barrier()
+        return final_dir
+
+    def _write_rank_files(self, engine, part_tag: str, part_dir: str) -> dict:
+        """This rank's DeepSpeed files and RNG state in TAG.partial/, fsynced -> {relative path: size, sha256}."""
+        io = _install_io(engine, self.rank)
         if io is not None:
             io.written = []
-        engine.save_checkpoint(root, tag=part_tag, save_latest=False)
+        engine.save_checkpoint(self.root, tag=part_tag, save_latest=False)
         written = list(io.written) if io is not None else []
-        rng_path = os.path.join(part_dir, f"rng-rank{rank:04d}.pt")
+        rng_path = os.path.join(part_dir, f"rng-rank{self.rank:04d}.pt")
         torch.save(rng_state(), rng_path)
         fsync_file(rng_path)
         written.append(rng_path)
         if io is None:                                     # a custom engine: list what is there
             written = [os.path.join(part_dir, f) for f in os.listdir(part_dir)]
-        files = {os.path.relpath(p, part_dir): file_digest(p) for p in written}
-        _maybe_kill("files-written", rank, tag)
-        all_files = {}
-        for d in _gather(files):
-            all_files.update(d)
-        if rank == 0:
-            tok = os.path.join(part_dir, "tokenizer.json")
-            shutil.copyfile(self.tokenizer_path, tok)
-            all_files["tokenizer.json"] = file_digest(tok)
-            state = {"format": "deepspeed", "format_version": 1, **train.state_dict(), "data": data.state_dict(),
-                     "layout": self.layout, "config": config_to_dict(self.cfg),
-                     "scheduler": _jsonable(scheduler.state_dict()) if scheduler else None,
-                     "optimizer_param_names": self._optimizer_param_names(engine), "files": all_files}
-            atomic_write(os.path.join(part_dir, STATE_FILE), json.dumps(state, indent=1))
-            _maybe_kill("before-rename", rank, tag)
-            if os.path.isdir(final_dir):                    # a re-save of this step (after a rollback)
-                shutil.rmtree(final_dir)
-            os.rename(part_dir, final_dir)
-            fsync_dir(root)
-            _maybe_kill("before-latest", rank, tag)
-            atomic_write(os.path.join(root, LATEST), tag)
-            _prune(root, self.cfg.checkpoint.keep, keep_tag=tag)
-            for script in ("zero_to_fp32.py", "zero_to_torch.py"):   # DeepSpeed's recovery scripts: `encdec convert`
-                for d in (root, final_dir):
-                    if os.path.isfile(os.path.join(d, script)):
-                        os.remove(os.path.join(d, script))
-        dist.barrier()
-        return final_dir
+        return {os.path.relpath(p, part_dir): file_digest(p) for p in written}
+
+    def _publish(self, engine, scheduler, data, train, tag, part_dir, final_dir, all_files) -> None:
+        """Rank 0: trainer_state.json, TAG.partial -> TAG, then `latest`, then pruning."""
+        root, rank = self.root, self.rank
+        tok = os.path.join(part_dir, "tokenizer.json")
+        shutil.copyfile(self.tokenizer_path, tok)
+        all_files["tokenizer.json"] = file_digest(tok)
+        state = {"format": "deepspeed", "format_version": 1, **train.state_dict(), "data": data.state_dict(),
+                 "layout": self.layout, "config": config_to_dict(self.cfg),
+                 "scheduler": _jsonable(scheduler.state_dict()) if scheduler else None,
+                 "optimizer_param_names": self._optimizer_param_names(engine), "files": all_files}
+        atomic_write(os.path.join(part_dir, STATE_FILE), json.dumps(state, indent=1))
+        _maybe_kill("before-rename", rank, tag)
+        _move_into_place(part_dir, final_dir)           # a re-save of this step (after a rollback) too
+        fsync_dir(root)
+        _maybe_kill("before-latest", rank, tag)
+        atomic_write(os.path.join(root, LATEST), tag)
+        _prune(root, self.cfg.checkpoint.keep, keep_tag=tag)
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):   # DeepSpeed's recovery scripts: `encdec convert`
+            for d in (root, final_dir):
+                if os.path.isfile(os.path.join(d, script)):
+                    os.remove(os.path.join(d, script))
 
     # ------------------------------------------------------------------ resume
     def _read(self, tag_dir: str) -> dict:
@@ -244,6 +325,10 @@ class CheckpointManager:
             # another layout: the old ranks' generators do not map onto the new ones; seed each rank anew
             seed_all(self.cfg.train.seed * 1_000_003 + int(state["step"]) * 1009 + self.rank)
         train.load_state_dict(state)
+        if self.rank == 0 and os.path.abspath(root) == os.path.abspath(self.root) and self.cfg.checkpoint.resume not in (
+                "auto", "never"):                       # a rollback to one of this run's tags: remember it
+            atomic_write(os.path.join(self.root, ROLLBACK), json.dumps(
+                {"resume": os.path.abspath(self.cfg.checkpoint.resume.rstrip("/")), "latest_then": read_latest(root)}))
         if state.get("data"):
             data.load_state_dict(state["data"])
         if self.rank == 0:

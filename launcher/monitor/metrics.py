@@ -128,12 +128,26 @@ def run_id(run_dir: str) -> str:
 
 
 def _plain(v: Any) -> Any:
-    """Tensors / numpy scalars -> Python numbers; everything else unchanged."""
+    """Tensors / numpy scalars -> Python numbers; NaN and infinities -> None (metrics.jsonl is strict
+    JSON: no NaN/Infinity tokens); everything else unchanged."""
     if hasattr(v, "item") and callable(v.item):
         try:
-            return v.item()
+            v = v.item()
         except (ValueError, RuntimeError):
             return v
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _finite(v: Any) -> Any:
+    """NaN / infinities anywhere in a row -> None (strict JSON)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
     return v
 
 
@@ -223,7 +237,7 @@ class Monitor:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.write(json.dumps(_finite(row), default=str, allow_nan=False) + "\n")
         self._file.flush()
 
     def _clean(self, metrics: dict) -> dict:
@@ -251,8 +265,8 @@ class Monitor:
         metrics = self._clean(metrics)
         self._write({"kind": "train", "step": int(step), "time": time.time(), **metrics})
         if self.wandb_run is not None:
-            self.wandb_run.log({"step": int(step), **{f"train/{k}": v for k, v in metrics.items()
-                                                    if v is None or isinstance(v, (int, float))}})
+            self._wandb(self.wandb_run.log, {"step": int(step), **{f"train/{k}": v for k, v in metrics.items()
+                                                                 if v is None or isinstance(v, (int, float))}})
         eta = self.eta(step, metrics.get("step_time_s"))
         if self.console:
             print(progress_line(step, self.total_steps, metrics, eta), file=self.stream or sys.stdout, flush=True)
@@ -276,7 +290,7 @@ class Monitor:
                 import wandb
                 columns = list(rows[0])
                 data["eval/samples"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-            self.wandb_run.log(data)
+            self._wandb(self.wandb_run.log, data)
         if self.console:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"eval @ step {step}: {shown}", file=self.stream or sys.stdout, flush=True)
@@ -287,7 +301,18 @@ class Monitor:
             self._file.close()
             self._file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
+            self._wandb(self.wandb_run.finish, exit_code=exit_code)
+            self.wandb_run = None
+
+    def _wandb(self, fn, *args, **kw) -> None:
+        """A wandb call; if wandb's helper process is gone (a TERM sent to every process of a Slurm
+        step reaches it too), wandb is dropped for the rest of this run with one line: metrics.jsonl
+        goes on, and the next start resumes the same wandb run (its id is in the run folder)."""
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - never lose a checkpoint to the metrics side channel
+            print(f"wandb: {type(e).__name__}: {e}; logging to metrics.jsonl only until the next start",
+                  file=sys.stderr, flush=True)
             self.wandb_run = None
 
     def __enter__(self):

@@ -1,0 +1,80 @@
+"""One run at a time per run folder: RUN_DIR/run.lock, held by rank 0 for the run's lifetime.
+
+The lock is an fcntl lock on the file (the kernel drops it when its process dies, however it
+dies) plus an owner record in the file (host, pid, Slurm job id, start time) to name the owner
+in the refusal. A second run on a busy folder (a job submitted twice, a resubmission while the
+first still runs) is refused with one line naming the owner. A stale owner (its process or job
+gone: kill -9, a lost node, a requeue) holds no lock any more, so the next run takes the folder
+over and resumes; on file systems where fcntl locks do not cross nodes, a record of another
+Slurm job that is still in the queue refuses too.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+LOCK_FILE = "run.lock"
+
+
+class RunBusy(ValueError):
+    """The run folder is owned by another live run (printed as one `encdec: error:` line)."""
+
+
+def _owner_text(rec: dict) -> str:
+    job = f"Slurm job {rec['job']}, " if rec.get("job") else ""
+    return f"{job}host {rec.get('host', '?')} pid {rec.get('pid', '?')}"
+
+
+def _job_alive(job: str) -> bool:
+    if not shutil.which("squeue"):
+        return False
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and r.stdout.strip() in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED")
+
+
+class RunLock:
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.fd = None
+        self.took_over = ""
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            prev = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except ValueError:
+            prev = {}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunBusy(f"run folder {os.path.dirname(self.path)} is in use by {_owner_text(prev)} "
+                          f"(since {prev.get('started', '?')}); wait for it, cancel it, or use another out_dir") from None
+        if prev.get("job") and prev["job"] != me["job"] and _job_alive(prev["job"]):
+            os.close(fd)
+            raise RunBusy(f"run folder {os.path.dirname(self.path)} is in use by {_owner_text(prev)} "
+                          f"(still in the Slurm queue); cancel it or use another out_dir")
+        if prev.get("pid"):
+            self.took_over = _owner_text(prev)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)                 # closing drops the lock
+            self.fd = None
