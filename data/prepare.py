@@ -8,8 +8,9 @@ Output folder (written under a temporary name, renamed when complete):
     manifest.json            objective, sample and token counts per shard, index names and sums,
                              bad lines per input file, tokenizer sha256
 
-The work is cut into units (consecutive input files, at least `unit_bytes` of them each, so the
-cut depends on the inputs only) and done in three steps that share one work folder OUT.parts/:
+The work is cut into units (consecutive input files, at least `unit_bytes` of them each; a plain
+file larger than that is cut into pieces of `unit_bytes` at line starts; the cut depends on the
+inputs only) and done in three steps that share one work folder OUT.parts/:
   plan    checks the inputs, trains or copies the tokenizer, writes plan.json;
   slice   `--slice i/n`: units u = i (mod n) not done yet, each written atomically to unit-U/;
   merge   every unit done -> the shards renamed in unit order into OUT (atomically), one manifest.
@@ -107,11 +108,13 @@ def run_slice(work: str, i: int, n: int, progress: bool = False) -> int:
 
 def _run_unit(work: str, plan: dict, u: int, tok, progress: bool) -> None:
     t0 = time.perf_counter()
-    files = [plan["inputs"][k] for k in plan["units"][u]]
+    pieces = [(plan["inputs"][k], a, b) for k, a, b in plan["units"][u]]
+    files = [p for p, _, _ in pieces]
     objective, shard_size = plan["objective"], plan["shard_size"]
     prefix = f"{u:05d}-" if len(plan["units"]) > 1 else ""
     bad = BadLines(plan["max_bad_lines"])
-    records = (r for p in files for r in read_records(p, objective, *plan["fields"], on_bad=bad.add))
+    records = (r for p, a, b in pieces
+               for r in read_records(p, objective, *plan["fields"], on_bad=bad.add, start=a, end=b))
     final = os.path.join(work, f"unit-{u:05d}")
     with atomic_dir(final) as tmp:
         shards, lengths, n = [], [], 0
@@ -134,7 +137,7 @@ def _run_unit(work: str, plan: dict, u: int, tok, progress: bool) -> None:
                 "first_bad": bad.first, "lines": n + bad.total}
         atomic_write(os.path.join(tmp, "unit.json"), json.dumps(info, indent=1))
     if progress:
-        mb = sum(os.path.getsize(p) for p in files) / 1e6
+        mb = sum((b if b >= 0 else os.path.getsize(p)) - a for p, a, b in pieces) / 1e6
         print(f"prepare: unit {u + 1}/{len(plan['units'])}: {n} records, {bad.total} bad lines, "
               f"{mb:.1f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -203,7 +206,7 @@ def merge(out_dir: str, overwrite: bool = False) -> dict:
             infos.append(json.load(f))
     if missing:
         raise CorpusError(f"{len(missing)} of {len(plan['units'])} units not prepared yet (first: unit {missing[0]}, "
-                          f"{plan['inputs'][plan['units'][missing[0]][0]]}): run the slices again")
+                          f"{plan['inputs'][plan['units'][missing[0]][0][0]]}): run the slices again")
     _check_bad_lines(plan, infos)
     if sum(i["num_samples"] for i in infos) == 0:
         raise CorpusError(f"empty corpus: no records in {', '.join(plan['inputs'])}")
@@ -222,7 +225,10 @@ def merge(out_dir: str, overwrite: bool = False) -> dict:
                     _link(os.path.join(src, s["index"]), os.path.join(tmp, index_name(name)))
                     s["index"] = index_name(name)
                 shards.append(s)
-        bad = {p: c for i in infos for p, c in i["bad_lines"].items()}
+        bad: dict[str, int] = {}
+        for i in infos:                                  # a big file's pieces are several units
+            for p, c in i["bad_lines"].items():
+                bad[p] = bad.get(p, 0) + c
         manifest = {"objective": plan["objective"], "num_samples": sum(s["num_samples"] for s in shards),
                     "num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards,
                     "tokenizer_sha256": plan["tokenizer_sha256"], "vocab_size": plan["vocab_size"],

@@ -62,12 +62,24 @@ class BadLines:
             raise CorpusError(f"more than --max-bad-lines={self.count_limit} bad lines (first: {self.first})")
 
 
-def cut_units(inputs: list[str], unit_bytes: int) -> list[list[int]]:
-    """Consecutive input files, each unit at least unit_bytes (the last may be less)."""
+def cut_units(inputs: list[str], unit_bytes: int) -> list[list[list[int]]]:
+    """Units of work: lists of pieces [file index, first byte, end byte (-1: to the end)].
+
+    Consecutive small files are grouped until a unit holds at least unit_bytes; a plain (not
+    gzipped) file larger than unit_bytes is cut into pieces of unit_bytes, one unit each (a piece
+    holds the lines that start inside it). The cut depends on the inputs only.
+    """
     units, cur, size = [], [], 0
     for k, p in enumerate(inputs):
-        cur.append(k)
-        size += os.path.getsize(p)
+        n = os.path.getsize(p)
+        if n > unit_bytes and not p.endswith(".gz"):
+            if cur:
+                units.append(cur)
+                cur, size = [], 0
+            units += [[[k, a, min(n, a + unit_bytes)]] for a in range(0, n, unit_bytes)]
+            continue
+        cur.append([k, 0, -1])
+        size += n
         if size >= unit_bytes:
             units.append(cur)
             cur, size = [], 0
@@ -90,6 +102,8 @@ def make_plan(inputs, out, objective, tokenizer, vocab_size, shard_size, fields,
         raise CorpusError(f"output folder exists: {out} (pass --overwrite to replace it)")
     if shard_size < 1:
         raise CorpusError(f"--shard-size must be >= 1, got {shard_size}")
+    if unit_bytes < 1024:
+        raise CorpusError(f"--unit-size must be >= 1024 bytes, got {unit_bytes}")
     limit = parse_limit(max_bad_lines)
     work = work_dir(out)
     shutil.rmtree(work, ignore_errors=True)

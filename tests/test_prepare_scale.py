@@ -4,12 +4,13 @@ a rerun redoes only missing units; the tokenizer sample is bounded."""
 import json
 import os
 import random
+import re
 import subprocess
 
 import pytest
 
 from data.prepare import merge, prepare, run_slice
-from data.prepare_plan import sample_texts, work_dir
+from data.prepare_plan import cut_units, sample_texts, work_dir
 from data.sources import iter_samples
 from tests.conftest import run_cli
 from tests.slurm_helpers import CPU_ARGS, ROOT, read_text, wait_job
@@ -54,7 +55,8 @@ def manifest_of(folder):
     return man
 
 
-KW = dict(objective="span", vocab_size=300, shard_size=64, unit_bytes=1, progress=False)
+UNIT = 30000                     # files grouped (the small ones) and cut into pieces (the big ones)
+KW = dict(objective="span", vocab_size=300, shard_size=64, unit_bytes=UNIT, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_workers_give_the_one_process_output(one_process, corpus, tmp_path):
 
 def test_over_the_bad_line_limit_fails_with_nothing_left(corpus, tmp_path):
     r = run_cli(["prepare", *corpus, "--out", str(tmp_path / "o"), "--vocab-size", "300", "--max-bad-lines", "2",
-                 "--unit-size", "1", "--quiet"])
+                 "--unit-size", str(UNIT), "--quiet"])
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(err) == 1 and "--max-bad-lines=2" in err[0] and "c1.jsonl:11" in err[0], r.stderr
     assert sorted(os.listdir(tmp_path)) == []
@@ -90,8 +92,9 @@ def test_over_the_bad_line_limit_fails_with_nothing_left(corpus, tmp_path):
 def test_rerun_redoes_only_missing_units(one_process, corpus, tmp_path):
     out = str(tmp_path / "o")
     assert run_cli(["prepare", *corpus, "--out", out, "--vocab-size", "300", "--shard-size", "64",
-                    "--unit-size", "1", "--plan-only", "--tokenizer", one_process]).returncode == 0
-    assert run_slice(work_dir(out), 0, 2) == 2 and run_slice(work_dir(out), 1, 2) == 2
+                    "--unit-size", str(UNIT), "--plan-only", "--tokenizer", one_process]).returncode == 0
+    n = len(cut_units(corpus, UNIT))
+    assert n >= 5 and run_slice(work_dir(out), 0, 2) + run_slice(work_dir(out), 1, 2) == n
     unit = os.path.join(work_dir(out), "unit-00002")
     os.rename(os.path.join(unit, "unit.json"), os.path.join(unit, "x"))  # as if task 0 had died before the end
     assert run_slice(work_dir(out), 1, 2) == 0 and run_slice(work_dir(out), 0, 2) == 1
@@ -110,7 +113,7 @@ def test_tokenizer_sample_is_bounded_and_seeded(corpus):
 def test_array_job_gives_the_one_process_output(slurm_cluster, one_process, corpus, tmp_path):
     out = str(tmp_path / "arr")
     assert run_cli(["prepare", *corpus, "--out", out, "--vocab-size", "300", "--shard-size", "64",
-                    "--unit-size", "1", "--plan-only"]).returncode == 0
+                    "--unit-size", str(UNIT), "--plan-only"]).returncode == 0
     env = {**os.environ, "ENCDEC_HOME": ROOT, "ENCDEC_PREPARE_OUT": out, "ENCDEC_PYTHON": _python()}
     script = os.path.join(ROOT, "slurm", "prepare.sbatch")
 
@@ -125,7 +128,8 @@ def test_array_job_gives_the_one_process_output(slurm_cluster, one_process, corp
     for task in ("0", "1"):
         info = wait_job(f"{job}_{task}", 180)
         assert info["JobState"] == "COMPLETED", read_text(f"{tmp_path}/{job}_{task}.out")
-    assert sorted(os.listdir(work_dir(out))) == ["plan.json", "tokenizer.json"] + [f"unit-0000{u}" for u in range(4)]
+    assert sorted(os.listdir(work_dir(out))) == ["plan.json", "tokenizer.json"] + \
+        [f"unit-{u:05d}" for u in range(len(cut_units(corpus, UNIT)))]
     info = wait_job(submit(), 180)
     assert info["JobState"] == "COMPLETED", os.listdir(tmp_path)
     assert manifest_of(out) == manifest_of(one_process) and files_of(out) == files_of(one_process)
@@ -146,3 +150,22 @@ def slurm_cluster():
     cluster.start()
     yield cluster
     cluster.release()
+
+
+def test_a_big_file_is_cut_into_pieces(corpus, tmp_path):
+    """One plain file larger than the unit size is cut into byte pieces at line starts: the same
+    documents in the same order, the same bad lines (counted and placed at their file:line)."""
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"".join(open(p, "rb").read() for p in corpus))
+    whole = str(tmp_path / "whole")
+    prepare([str(big)], whole, **dict(KW, unit_bytes=1 << 30))
+    ref = [ids for _, ids in docs(whole)]
+    for unit in (1500, 4096, 20011):
+        assert len(cut_units([str(big)], unit)) == -(-os.path.getsize(big) // unit)
+        out = str(tmp_path / f"cut{unit}")
+        r = run_cli(["prepare", str(big), "--out", out, "--tokenizer", whole, "--shard-size", "64",
+                     "--unit-size", str(unit), "--workers", "2" if unit == 4096 else "1"])
+        assert r.returncode == 0, r.stderr
+        assert [ids for _, ids in docs(out)] == ref
+        assert manifest_of(out)["bad_lines"] == manifest_of(whole)["bad_lines"] == {str(big): 3}
+        assert sorted(re.findall(r"big\.jsonl:(\d+): ", r.stdout)) == ["211", "251", "601"]
