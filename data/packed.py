@@ -28,6 +28,7 @@ from collections import OrderedDict
 import numpy as np
 
 from data.sources import DataError, read_bytes
+from data.tokenizer import EOS_ID
 
 INDEX_DTYPE = np.dtype("<u4")
 INDEX_SUFFIX = ".len"
@@ -39,7 +40,6 @@ def index_name(shard_name: str) -> str:
 
 def doc_length(ids) -> int:
     """Tokens a reader packs of a document (its ids without the trailing </s>)."""
-    from data.tokenizer import EOS_ID
     return len(ids) - 1 if len(ids) and ids[-1] == EOS_ID else len(ids)
 
 

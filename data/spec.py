@@ -13,6 +13,7 @@ from data.objectives import as_sentinel_ids, raw_length_for, span_target_length
 from data.packing import chunks_per_block, mean_doc_tokens
 from data.packed import has_index
 from data.sources import DataError
+from data.ul2 import Plan, parse_table
 
 log = logging.getLogger("encdec.data")
 
@@ -61,7 +62,6 @@ class StreamSpec:
                             "(no <extra_id_0>; use one with <extra_id_N> tokens, e.g. one `encdec prepare` trains)")
         self.ul2_plan = None
         if any(c.objective == "ul2" for c in self.components):
-            from data.ul2 import Plan, parse_table     # only ul2 streams need the denoiser table
             try:
                 table = parse_table(self.ul2)
             except ValueError as e:

@@ -1,3 +1,7 @@
+from model import hf_adapter as seed_adapter
+from model import t5_hf
+from model.t5 import T5
+from model.t5 import count_parameters as count_t5
 from model.transformer import ModelConfig, Transformer, padded_vocab, sinusoid_table
 from model.transformer import count_parameters as _count_transformer
 
@@ -7,7 +11,6 @@ ARCHS = ("transformer", "t5")
 def build(c: ModelConfig):
     """The model of c.arch: Transformer (the seed model) or T5 (model/t5.py)."""
     if c.arch == "t5":
-        from model.t5 import T5          # kept out of the package import: the seed path never needs it
         return T5(c)
     if c.arch != "transformer":
         raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {c.arch!r}")
@@ -16,7 +19,6 @@ def build(c: ModelConfig):
 
 def count_parameters(c: ModelConfig) -> int:
     if c.arch == "t5":
-        from model.t5 import count_parameters as count_t5
         return count_t5(c)
     return _count_transformer(c)
 
@@ -25,9 +27,7 @@ def hf_adapter_for(c: ModelConfig):
     """The module holding the explicit Hugging Face key map of c.arch (same functions in both):
     model.hf_adapter (Pegasus / Marian) or model.t5_hf (T5ForConditionalGeneration)."""
     if c.arch == "t5":
-        from model import t5_hf          # kept out of the package import, as build() does
         return t5_hf
-    from model import hf_adapter as seed_adapter
     return seed_adapter
 
 

@@ -14,9 +14,13 @@ import os
 
 import torch
 
+from data.tokenizer import load_tokenizer
 from launcher.checkpoint.format import CheckpointError, load_pt
 from launcher.config import RunConfig, config_to_dict
 from model.hf_adapter import HF_TIED, from_hf_state_dict, model_config_from_hf
+from model.t5_hf import from_hf_state_dict as t5_names
+from model.t5_hf import hf_tied
+from model.t5_hf import model_config_from_hf as t5_config
 from model.transformer import sinusoid_table
 
 
@@ -111,7 +115,6 @@ def _state(hf_dir: str, mc, files: dict, names: dict) -> dict:
 
 def _t5_state(hf_dir: str, hcfg) -> dict:
     """hf_state of a T5ForConditionalGeneration folder (model.arch=t5, the key map of model/t5_hf.py)."""
-    from model.t5_hf import hf_tied, model_config_from_hf as t5_config, from_hf_state_dict as t5_names
     try:
         mc = t5_config(hcfg)
     except ValueError as e:
@@ -132,6 +135,5 @@ def _t5_state(hf_dir: str, hcfg) -> dict:
         raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
     tok = os.path.join(hf_dir, "tokenizer.json")
     if os.path.isfile(tok):                    # T5 pads its 32100 tokens to 32128 rows; the run counts tokens
-        from data.tokenizer import load_tokenizer
         mc.real_vocab_size = load_tokenizer(tok).get_vocab_size()
     return _state(hf_dir, mc, files, names)

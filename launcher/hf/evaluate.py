@@ -17,7 +17,15 @@ import os
 import yaml
 
 from common.atomic import atomic_write
+from data.mixture import Component
+from data.sources import resolve_source
+from data.spec import StreamSpec
+from data.stream import DataStream
+from data.tokenizer import load_tokenizer, sentinel_ids
+from data.ul2 import mode_ids, parse_table
 from launcher.hf.card import CONFIG_FILE
+from launcher.hf.generate import load
+from launcher.monitor.scores import score
 
 
 def _settings(model_dir: str) -> dict:
@@ -31,11 +39,6 @@ def _settings(model_dir: str) -> dict:
 
 
 def _spec(model_dir: str, data: str, objective: str | None, batch_size: int):
-    from data.mixture import Component
-    from data.sources import resolve_source
-    from data.spec import StreamSpec
-    from data.tokenizer import load_tokenizer, sentinel_ids
-    from data.ul2 import mode_ids, parse_table
     d = _settings(model_dir)
     objective = objective or d.get("objective") or "pairs"
     tok = load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
@@ -54,9 +57,6 @@ def evaluate_folder(model_dir: str, data: str, objective: str | None = None, bat
                     num_beams: int = 1, max_generate: int = 256, max_new_tokens: int | None = None) -> dict:
     import torch
     import torch.nn.functional as F
-    from data.stream import DataStream
-    from launcher.hf.generate import load
-    from launcher.monitor.scores import score
     tok, model = load(model_dir)
     spec = _spec(model_dir, data, objective, batch_size)
     total, count, hyps, refs = 0.0, 0, [], []

@@ -16,6 +16,7 @@ from data.mixture import Component, check_data, find_tokenizer
 from data.sources import DataError
 from data.stream import DataStream
 from data.spec import StreamSpec
+from data.ul2 import mode_ids, parse_table
 from data.tokenizer import load_tokenizer, sentinel_ids
 from launcher.config import ConfigError, RunConfig
 from model.transformer import ModelConfig, padded_vocab
@@ -66,7 +67,6 @@ def resolve_inputs(cfg: RunConfig) -> Inputs:
     cfg.model = model_config(cfg, tok.get_vocab_size())
     modes = []
     if any(c.objective == "ul2" for c in train + (valid or [])):
-        from data.ul2 import mode_ids, parse_table      # the denoisers' mode tokens, from this tokenizer
         try:
             modes = mode_ids(parse_table(cfg.data.ul2), tok.token_to_id)
         except DataError as e:
