@@ -35,7 +35,9 @@ def measure(rank, world, overrides, steps=2):
     import deepspeed
     from launcher.training.engine import build_engine
     from launcher.planner.measure import CollectiveBytes, PeakMemory
-    from launcher.training.trainer import Trainer
+    from launcher.dist_env import read_env
+    from launcher.training.trainer import Trainer, TrainState
+    from launcher.training.watchdog import Watchdog
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = plan_config(overrides, world)
     from launcher.parallel import ParallelDims
@@ -47,6 +49,7 @@ def measure(rank, world, overrides, steps=2):
             self.cfg, self.device, self.dp, self.accum, self.mpu = cfg, "cpu", mesh.dp, 1, mpu
             self.dp_group = mpu.get_data_parallel_group() if mpu else None
             self._grad_norm = 0.0
+            self.env, self.state, self.watchdog = read_env(), TrainState(), Watchdog(0, rank, world)
     t = T()
     torch.manual_seed(0)
     with PeakMemory() as pm:

@@ -14,6 +14,8 @@ import json
 import math
 import os
 
+import torch
+import torch.nn.functional as F
 import yaml
 
 from common.atomic import atomic_write
@@ -55,8 +57,6 @@ def _spec(model_dir: str, data: str, objective: str | None, batch_size: int):
 
 def evaluate_folder(model_dir: str, data: str, objective: str | None = None, batch_size: int = 16,
                     num_beams: int = 1, max_generate: int = 256, max_new_tokens: int | None = None) -> dict:
-    import torch
-    import torch.nn.functional as F
     tok, model = load(model_dir)
     spec = _spec(model_dir, data, objective, batch_size)
     total, count, hyps, refs = 0.0, 0, [], []

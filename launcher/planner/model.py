@@ -52,6 +52,13 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import torch
+
+from launcher.monitor import flops
+from launcher.parallel.plan import shard_dims
+from model.loss import chunk_tokens
+from model.transformer import ModelConfig, Transformer
+
 GIB = 2 ** 30
 
 
@@ -82,11 +89,7 @@ def param_counts(c, tp: int, persistence_threshold: int = 100_000) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _param_counts(key, tp: int, persistence_threshold: int) -> dict:
-    import torch
-    from model.transformer import ModelConfig
     c = ModelConfig(**dict(key))
-    from launcher.parallel.plan import shard_dims
-    from model.transformer import Transformer
     with torch.device("meta"):
         m = Transformer(c)
     dims = shard_dims(m)
@@ -168,7 +171,6 @@ def activations(c, lay: Layout, S: int, T: int, bf16: bool) -> dict:
 
 
 def loss_buffer(c, lay: Layout, T: int, bf16: bool, chunk: int = 0) -> float:
-    from model.loss import chunk_tokens
     V = c.vocab_size // lay.tp
     n = lay.micro * T
     ch = min(chunk_tokens(V, chunk), n)
@@ -206,7 +208,6 @@ def comm_bytes(c, lay: Layout, S: int, T: int, bf16: bool, accum: int = 1) -> di
 
 def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None) -> dict:
     """Everything `encdec plan` reports for one layout."""
-    from launcher.monitor import flops
     c = cfg.model
     S, T = cfg.data.max_src_len, cfg.data.max_tgt_len
     bf16 = cfg.train.precision == "bf16"

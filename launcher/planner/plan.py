@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from launcher.config import ConfigError, RunConfig
+from launcher.config import ConfigError, RunConfig, load_config
+from launcher.parallel.dims import check_supported
 from launcher.planner.model import GIB, Hardware, Layout, estimate, param_counts
+from launcher.training.inputs import model_config
 
 DEFAULT_VOCAB = 32000
 
 
 def _model_for(cfg: RunConfig, tp: int, vocab: int):
-    from launcher.training.inputs import model_config
     c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp))
     real = cfg.model.real_vocab_size or cfg.model.vocab_size or vocab
     return model_config(c, real)
@@ -27,7 +28,6 @@ def _cfg_for(cfg: RunConfig, tp: int, vocab: int) -> RunConfig:
 
 
 def candidate_layouts(cfg: RunConfig, world: int, gpus_per_node: int):
-    from launcher.parallel.dims import check_supported
     m, gb = cfg.model, cfg.train.global_batch_size
     for tp in (1, 2, 4, 8):
         if tp > gpus_per_node or world % tp or m.n_heads % tp or m.d_ff % tp:
@@ -103,7 +103,6 @@ def format_plan(r: dict) -> str:
 
 def main(config: str, overrides: list, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
          peak_tflops: float | None, as_json: bool, vocab: int = DEFAULT_VOCAB) -> int:
-    from launcher.config import load_config
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
     if gpu_memory_gib <= 0 or (peak_tflops is not None and peak_tflops <= 0):
