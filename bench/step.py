@@ -48,7 +48,10 @@ from launcher.monitor import flops  # noqa: E402
 from launcher.parallel import ParallelDims  # noqa: E402
 from launcher.planner.measure import PeakMemory  # noqa: E402
 from launcher.training.engine import build_engine, build_optimizer  # noqa: E402
-from launcher.training.trainer import Trainer  # noqa: E402
+from launcher.dist_env import read_env  # noqa: E402
+from launcher.training.guard import StepGuard  # noqa: E402
+from launcher.training.trainer import Trainer, TrainState  # noqa: E402
+from launcher.training.watchdog import Watchdog  # noqa: E402
 from model.hf_adapter import hf_class_name, hf_config, to_hf_state_dict  # noqa: E402
 from model.transformer import Transformer, count_parameters, padded_vocab  # noqa: E402
 
@@ -98,6 +101,10 @@ class BenchTrainer(Trainer):
         self.cfg, self.device, self.dp, self.accum = cfg, device, 1, 1
         self.mesh = ParallelDims.from_world(1, 1).build(0)
         self.mpu, self.dp_group, self._grad_norm = self.mesh.deepspeed_mpu(), self.mesh.dp_group, 0.0
+        # the step guard and the (idle) watchdog the trainer's step uses: part of what is timed
+        t = cfg.train
+        self.env, self.watchdog = read_env(), Watchdog(0, 0, 1)
+        self.state = TrainState(guard=StepGuard(t.max_bad_steps, t.spike_z, t.spike_window))
         torch.manual_seed(cfg.train.seed)
         self.engine, self.scheduler = build_engine(cfg, self.mesh, device, 1)
 

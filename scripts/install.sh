@@ -22,3 +22,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "${PIP[@]}" install -e ".[test]"
 "$VENV/bin/python" -c "import torch, deepspeed, webdataset, transformers; print('install: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)" 2>&1 | grep '^install:'
+# DeepSpeed JIT-builds its CPU shared-memory collective op at the first process group on a CPU
+# machine (a minute, once per install). Build it here, once, so concurrent ranks and tests never
+# wait on (or kill) a half-done build; on GPU machines there is nothing to build.
+"$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -i "built\|error" || true

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 from ckpt_helpers import metrics, run_ranks, train
 
 T5 = ("model.arch=t5", "model.layer_norm_eps=1e-6", "model.relative_attention_num_buckets=8",

@@ -8,7 +8,6 @@
   owner is killed (-9) the next run takes over and resumes.
 - A hung rank (SIGSTOP) is named by the watchdog of its peer, which exits so the job can restart.
 """
-import glob
 import json
 import os
 import signal

@@ -37,8 +37,8 @@ def evaluate(engine, stream: DataStream, cfg: RunConfig, mesh: Mesh, device: str
             b = to_device(next(it), device)
             first = first or b
             with autocast(device, cfg.train.precision):
-                loss, cnt = engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"],
-                                   src_segments=b.get("src_segments"))
+                segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
+                loss, cnt = engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"], **segments)
             tot += torch.tensor([loss.item(), cnt.item()], dtype=torch.float64)
         tot = all_reduce(tot, device, mesh.dp_group)
         val = tot[0].item() / max(tot[1].item(), 1)
