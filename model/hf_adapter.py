@@ -71,10 +71,15 @@ def from_hf_state_dict(hf: dict, c: ModelConfig) -> dict:
 
     Raises KeyError naming a Hugging Face tensor this model has no place for.
     """
-    names = hf_to_ours(c)
+    return rename_from_hf(hf, hf_to_ours(c), set(HF_FIXED) | set(HF_TIED))
+
+
+def rename_from_hf(hf: dict, names: dict[str, str], skip) -> dict:
+    """HF tensors -> ours through an inverted key map; tensors in `skip` are dropped; a name the map
+    does not know raises KeyError naming it (shared by every architecture's adapter)."""
     out = {}
     for k, v in hf.items():
-        if k in HF_FIXED or k in HF_TIED:
+        if k in skip:
             continue
         if k not in names:
             raise KeyError(f"unexpected Hugging Face parameter '{k}'")

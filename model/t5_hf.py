@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from model.hf_adapter import rename_from_hf
 from model.transformer import ModelConfig
 
 _ATTN = ("q", "k", "v", "o")
@@ -72,15 +73,7 @@ def to_hf_state_dict(sd: dict, c: ModelConfig) -> dict:
 
 def from_hf_state_dict(hf: dict, c: ModelConfig) -> dict:
     """HF tensors -> ours (tied aliases and ignored tensors dropped); KeyError names an unknown one."""
-    names, skip = hf_to_ours(c), set(hf_tied(c)) | set(HF_IGNORED)
-    out = {}
-    for k, v in hf.items():
-        if k in skip:
-            continue
-        if k not in names:
-            raise KeyError(f"unexpected Hugging Face parameter '{k}'")
-        out[names[k]] = v
-    return out
+    return rename_from_hf(hf, hf_to_ours(c), set(hf_tied(c)) | set(HF_IGNORED))
 
 
 def hf_config(c: ModelConfig, max_length: int = 256):
