@@ -15,6 +15,7 @@ from data.prepare import prepare
 from data.sources import DataError
 from data.stream import DataStream, StreamSpec, resolve_shards
 from data.tokenizer import EOS_ID, load_tokenizer, sentinel_ids
+from tests.test_objectives import _reassemble
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly zebras".split()
 
@@ -37,20 +38,6 @@ def _t5_style_tokenizer(folder, docs, n_sentinels=20, post=True):
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
     return str(folder)
-
-
-def _reassemble(inp, tgt, sentinels):
-    spans, cur = {}, None
-    for t in tgt[:-1]:
-        if t in sentinels:
-            cur = t
-            spans[cur] = []
-        else:
-            spans[cur].append(t)
-    out = []
-    for t in inp[:-1]:
-        out.extend(spans[t] if t in spans else [t])
-    return out
 
 
 def test_t5_style_sentinels_reassemble_the_text(tmp_path):

@@ -10,11 +10,12 @@ from data.stream import DataStream, StreamSpec, resolve_shards
 from data.tokenizer import EOS_ID, SENTINEL_BASE, load_tokenizer
 
 
-def _reassemble(inp, tgt):
-    """Puts each target span back in place of its sentinel."""
+def _reassemble(inp, tgt, sentinels=None):
+    """Puts each target span back in place of its sentinel (sentinel ids: the project's own by default)."""
+    sentinels = set(range(SENTINEL_BASE, SENTINEL_BASE + 100)) if sentinels is None else sentinels
     spans, cur = {}, None
     for t in tgt[:-1]:
-        if SENTINEL_BASE <= t < SENTINEL_BASE + 100:
+        if t in sentinels:
             cur = t
             spans[cur] = []
         else:
