@@ -5,6 +5,7 @@ import io
 import json
 import os
 import struct
+import time
 
 import pytest
 
@@ -31,6 +32,8 @@ def read_wandb_log(path):
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):    # a chunk still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 2):
@@ -44,9 +47,20 @@ def read_wandb_log(path):
     return records
 
 
+def complete_log(wandb_file, timeout=60.0):
+    """The records of a finished run's log. wandb's service process may still be flushing the file
+    when finish() returns, so wait (bounded) for the final `exit` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_log(wandb_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def history_and_config(wandb_file):
     rows, config, run_id = [], {}, None
-    for rec in read_wandb_log(wandb_file):
+    for rec in complete_log(wandb_file):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
