@@ -1,6 +1,7 @@
 # Two commands set up and exercise everything on a fresh machine:
 #   make demo   - install into .venv, then make data, train on 2 ranks, convert, generate
-#   make test   - install into .venv, then run the whole test suite
+#   make test   - install into .venv, then run the whole test suite (all but the chaos soak)
+#   make chaos  - the chaos soak on the local Slurm cluster (about 3 minutes; CI runs it after make test)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 # (it is kept); on a machine without CUDA this pin resolves to the CPU build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test chaos bench clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +21,10 @@ demo: install
 	$(PY) -m launcher.demo
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not chaos" tests
+
+chaos: install
+	$(PY) -m pytest -q -s -m chaos tests
 
 bench: install
 	$(PY) bench/data_throughput.py

@@ -36,6 +36,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self._first_int:
             if time.monotonic() - self._first_int > DOUBLE_PRESS_S:
+                print("Ctrl-C again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
                 raise KeyboardInterrupt                # the second Ctrl-C: leave now, no checkpoint
             return
         if signum == signal.SIGINT:

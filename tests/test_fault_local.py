@@ -139,9 +139,21 @@ def test_ctrl_c_checkpoints_and_busy_folder_is_refused_then_taken_over(tiny_pair
     p.kill()
     p.communicate()
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    out = _finish(_start([*common[:-1], "train.steps=" + str(int(latest[4:]) + 2), f"out_dir={run}"]))
+    # it takes over and resumes; then a double Ctrl-C (the second 1.5 s after the first, while a
+    # slow step still runs) leaves at once: status 130, no new checkpoint, the folder unlocked
+    p = _start([*common, f"out_dir={run}"], env={"ENCDEC_FAULT_STEP_DELAY": "3"})
+    n = _rows(run)
+    _wait(lambda: _rows(run) > n or p.poll() is not None, 240, "the taken-over run to train a step")
+    p.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out = _finish(p)
+    assert p.returncode == 130, out[-3000:]
     assert "taking over from a run that is gone" in out and f"resumed from {run}/checkpoints/{latest}" in out, \
         out[-3000:]
+    assert "Ctrl-C again: exiting now, without a checkpoint" in out and "stopped by signal" not in out, out[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == latest
+    assert (run / "run.lock").read_text() == ""
 
 
 def test_a_stopped_rank_is_named_by_the_watchdog(tiny_pairs, tmp_path):

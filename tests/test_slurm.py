@@ -204,7 +204,9 @@ def test_train_two_nodes_completes_and_checkpoints(reference_job, single_process
 
 @pytest.mark.slow
 def test_trainer_rank_dies_job_fails_fast(slurm_cluster, shards, tmp_path):
-    """ENCDEC_FAULT=1:3 makes rank 1 exit(17) before step 4; rank 0 waits in a collective meanwhile."""
+    """ENCDEC_FAULT=1:3 makes rank 1 exit(17) before step 4; rank 0 waits in a collective meanwhile.
+    The script restarts the step once (a crash may be a flaky node), sees the same failure with no
+    new checkpoint and gives up (status 4) instead of looping."""
     job = sbatch([*CPU_ARGS, "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out"],
                  _train_env(tmp_path, tmp_path / "run", shards, ENCDEC_FAULT="1:3"))
     log_path = f"{tmp_path}/{job}.out"
@@ -213,7 +215,10 @@ def test_trainer_rank_dies_job_fails_fast(slurm_cluster, shards, tmp_path):
     info = wait_job(job, 150)
     took = time.monotonic() - t_fault
     print(f"job {job}: ended {took:.1f} s after the fault")
-    assert info["JobState"] == "FAILED" and info["ExitCode"].split(":")[0] != "0", read_text(log_path)[-3000:]
+    log = read_text(log_path)
+    assert info["JobState"] == "FAILED" and info["ExitCode"].split(":")[0] == "4", log[-3000:]
+    assert log.count("restart 1/") == 1 and "restart 2/" not in log, log[-3000:]
+    assert "giving up: a rank exited with status 17 again" in log, log[-3000:]
     assert took < 120
 
 

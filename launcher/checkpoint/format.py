@@ -51,9 +51,23 @@ def read_latest(root: str) -> str | None:
         return None
     with open(path, encoding="utf-8") as f:
         tag = f.read().strip()
+    if tag and not os.path.isdir(os.path.join(root, tag)):
+        _finish_swap(root, tag)
     if not tag or not os.path.isdir(os.path.join(root, tag)):
         raise CheckpointError(f"{path} points to {tag!r}, which does not exist")
     return tag
+
+
+def _finish_swap(root: str, tag: str) -> None:
+    """A re-save of TAG on a filesystem without an atomic folder swap moves TAG to TAG.replaced,
+    then TAG.partial to TAG. Killed in between, TAG is missing but its previous content is
+    complete in TAG.replaced: put it back (another rank may have done so already)."""
+    old = os.path.join(root, tag + ".replaced")
+    if os.path.isfile(os.path.join(old, STATE_FILE)):
+        try:
+            os.rename(old, os.path.join(root, tag))
+        except OSError:
+            pass
 
 
 def read_state(tag_dir: str) -> dict:

@@ -356,7 +356,12 @@ def _maybe_poison(loss: torch.Tensor, step: int, rank: int, micro: int) -> torch
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Fault injection for the fail-fast tests: ENCDEC_FAULT=rank:step kills that rank there."""
+    """Fault injection for the fail-fast tests: ENCDEC_FAULT=rank:step kills that rank there.
+    ENCDEC_FAULT_STEP_DELAY=S sleeps S seconds before every step (the chaos soak's pacing: its
+    signals must land while training still runs; numerics are unchanged)."""
+    delay = os.environ.get("ENCDEC_FAULT_STEP_DELAY")
+    if delay:
+        time.sleep(float(delay))
     spec = os.environ.get("ENCDEC_FAULT")
     if spec:
         r, s = (int(x) for x in spec.split(":"))
