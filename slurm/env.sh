@@ -16,9 +16,11 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 # Flight recorder: each rank keeps its last N collectives (op, sizes, process group, state) and,
 # when a collective times out, dumps them (one file per rank) so the rank that never joined can be
 # found (`python -m torch.distributed.flight_recorder.fr_trace DIR` reads them).
-export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+# (names of recent torch, 2.13 here: TORCH_FR_*; the older TORCH_NCCL_TRACE_BUFFER_SIZE and
+# TORCH_NCCL_DEBUG_INFO_TEMP_FILE still work but print a deprecation warning on every rank)
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
-export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-${ENCDEC_RUN_DIR:-/tmp}/nccl_trace_rank_}
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-${ENCDEC_RUN_DIR:-/tmp}/nccl_trace_rank_}
 # NCCL's own watchdog thread: a process group whose watchdog is stuck this long is aborted
 export TORCH_NCCL_ENABLE_MONITORING=${TORCH_NCCL_ENABLE_MONITORING:-1}
 export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-600}
