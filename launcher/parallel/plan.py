@@ -19,6 +19,8 @@ group (copy_to_tp). That happens once per consumer group, not once per linear la
   - the FFN input, inside fc1.
 Per layer this is the Megatron count: one all-reduce forward per row-parallel output, one
 backward per sharded input group. With tp == 1 nothing is replaced and no collective is issued.
+An Attention with attention dropout > 0 runs on a private RNG stream of its TP rank (rng.py), so
+the heads of different ranks get independent masks while replicated activations keep identical ones.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from launcher.parallel.dims import Mesh
+from launcher.parallel.rng import tp_local_rng
 from launcher.parallel import plan_t5
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                   VocabParallelLinearCrossEntropy, copy_to_tp)
@@ -98,6 +101,8 @@ def _apply_tp(model: Transformer, group) -> None:
             # cross-attention keys/values read the encoder output, copied once below
             m.register_forward_pre_hook(_attention_input_hook(group, copy_kv=not name.endswith("cross_attn")),
                                         with_kwargs=True)
+            if m.dropout > 0:                           # dropout on this rank's heads: masks of its own
+                tp_local_rng(m, group)
         elif isinstance(m, FeedForward):
             m.fc1 = ColumnParallelLinear(m.fc1, group)
             m.fc2 = RowParallelLinear(m.fc2, group)

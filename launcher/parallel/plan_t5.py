@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                                   VocabParallelEmbedding, _shard, copy_to_tp, mark_tp_param)
+from launcher.parallel.rng import tp_local_rng
 from model.t5 import GatedFeedForward, T5Attention
 
 # (module class, child linear, partition dim of its weight); T5 has no linear biases
@@ -78,11 +79,15 @@ def apply_tp(model: nn.Module, group) -> None:
                 setattr(m, BIAS_TABLE, _shard_table(getattr(m, BIAS_TABLE), group))
             # positional (x, kv, mask) as the layers call it; cross-attention k/v read memory, copied once below
             m.register_forward_pre_hook(_copy_inputs(group, copy_kv=not name.endswith("cross_attn")))
+            if m.dropout > 0:                           # dropout on this rank's heads: masks of its own
+                tp_local_rng(m, group)
         elif isinstance(m, GatedFeedForward):
             m.wi_0 = ColumnParallelLinear(m.wi_0, group, copy_input=False)
             m.wi_1 = ColumnParallelLinear(m.wi_1, group, copy_input=False)
             m.wo = RowParallelLinear(m.wo, group)
             m.register_forward_pre_hook(_copy_inputs(group, copy_kv=False))
+            if m.dropout.p > 0:                         # dropout on this rank's hidden columns
+                tp_local_rng(m, group)
     emb = VocabParallelEmbedding(model.embed, group)
     model.embed = emb
     if model.lm_head is not None:
