@@ -20,7 +20,9 @@ order rotates every round, so drift in machine load hits all three alike):
 
 Printed: step time (median and min over the rounds: on a shared machine the min is the step
 least disturbed by other load), tokens/s (source + target tokens), the ratio to hf, the trainer's
-overhead over the bare loop, peak memory, and MFU where the device's peak is known
+overhead over the bare loop (median of the per-round ratios; at --zero 0 the engine drives the
+same torch AdamW as the bare loop, so this is the trainer's own cost; at ZeRO 1-3 it adds
+DeepSpeed's partitioned optimizer, which buys memory only with more than one data-parallel rank), peak memory, and MFU where the device's peak is known
 (launcher/flops.py; ENCDEC_PEAK_FLOPS sets it on any device). Peak memory is measured for
 each contender alone, from building it to the end of its first step, as the peak of live tensor
 bytes (launcher/planner/measure.PeakMemory: every storage an operator creates, counted until it
@@ -246,8 +248,14 @@ def main(argv=None) -> int:
     if "hf" in med:
         print(f"trainer / hf tokens/s: {med['hf'] / med['trainer']:.3f} (median), {best['hf'] / best['trainer']:.3f} "
               f"(min)   bare / hf: {med['hf'] / med['bare']:.3f} (median), {best['hf'] / best['bare']:.3f} (min)")
-    print(f"trainer overhead over the bare loop: {100 * (med['trainer'] / med['bare'] - 1):+.1f}% (median), "
-          f"{100 * (best['trainer'] / best['bare'] - 1):+.1f}% (min; the least disturbed step of each)")
+    # each round times the two back to back: the median of the per-round ratios cancels slow drift
+    # in machine load better than the ratio of the medians
+    paired = sorted(t / b for t, b in zip(times["trainer"], times["bare"]))
+    q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+    print(f"trainer overhead over the bare loop: {100 * (statistics.median(paired) - 1):+.1f}% (median of "
+          f"per-round ratios; quartiles {100 * (q1 - 1):+.1f}% .. {100 * (q3 - 1):+.1f}%), "
+          f"{100 * (med['trainer'] / med['bare'] - 1):+.1f}% (ratio of medians), "
+          f"{100 * (best['trainer'] / best['bare'] - 1):+.1f}% (ratio of minima)")
     print(f"model FLOPs per step: {step_flops:.3e}; device peak: "
           f"{'%.3g FLOP/s' % peak if peak else 'unknown (set ENCDEC_PEAK_FLOPS for MFU)'}")
     return 0

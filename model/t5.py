@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.transformer import CrossEntropy, ModelConfig
+from model.loss import LinearCrossEntropy
+from model.transformer import ModelConfig
 
 
 def head_dim(c: ModelConfig) -> int:
@@ -176,7 +177,8 @@ class T5(nn.Module):
         self.encoder_norm = RMSNorm(c.d_model, c.layer_norm_eps)
         self.decoder_norm = RMSNorm(c.d_model, c.layer_norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.criterion = CrossEntropy()       # over the whole (padded) vocabulary, as HF T5's loss
+        # over the whole (padded) vocabulary, as HF T5's loss; chunked from h, logits never whole
+        self.criterion = LinearCrossEntropy()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -222,15 +224,25 @@ class T5(nn.Module):
             y = layer(y, memory, bias, mask)
         return self.drop(self.decoder_norm(y))
 
+    def _projection(self, h):
+        """(h as the output projection sees it, its weight (V, D)): untied lm_head, or original
+        T5's tied embedding after the d_model^-0.5 rescale."""
+        if self.lm_head is None:
+            return h * self.config.d_model ** -0.5, self.embed.weight
+        return h, self.lm_head.weight
+
     def logits(self, h):
-        if self.lm_head is None:                              # original T5: tied, rescaled
-            return F.linear(h * self.config.d_model ** -0.5, self.embed.weight)
-        return self.lm_head(h)
+        h, w = self._projection(h)
+        return F.linear(h, w)
 
     def forward(self, src_ids, src_mask, tgt_ids, labels=None):
-        """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count."""
-        logits = self.logits(self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask))
-        return logits if labels is None else self.criterion(logits, labels)
+        """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count
+        (then the logits are never materialised whole: model/loss.py, chunked over tokens)."""
+        h = self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask)
+        if labels is None:
+            return self.logits(h)
+        h, w = self._projection(h)
+        return self.criterion(h, w, None, labels)
 
 
 def count_parameters(c: ModelConfig) -> int:

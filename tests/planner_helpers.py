@@ -76,11 +76,11 @@ def measure_activations(rank, world, overrides):
     already allocated): what the micro-batch's activations, the loss and backward's temporaries take."""
     from launcher.parallel import ParallelDims, parallelize
     from launcher.planner.measure import PeakMemory
-    from model.transformer import Transformer
+    from model import build
     cfg = plan_config(overrides, world)
     mesh = ParallelDims.from_world(cfg.parallel.tp, world).build(rank)
     torch.manual_seed(0)
-    model = parallelize(Transformer(cfg.model), mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
+    model = parallelize(build(cfg.model), mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
     b = batch(cfg, 0, mesh.dp_rank)
 
     def step():

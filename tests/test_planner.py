@@ -23,9 +23,11 @@ LAYOUTS = [
     ("parallel.zero_stage=1",),
     ("parallel.zero_stage=2", "parallel.activation_checkpointing=true"),
     ("parallel.zero_stage=3", "comm.stage3_param_persistence_threshold=1000"),
+    ("model.arch=t5", "parallel.zero_stage=1"),           # (tp=1 layouts first: DeepSpeed keeps a tp engine's mpu)
     ("parallel.tp=2", "parallel.zero_stage=0"),
     ("parallel.tp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true"),
     ("parallel.tp=2", "parallel.zero_stage=3"),
+    ("model.arch=t5", "parallel.tp=2", "parallel.zero_stage=0"),
 ]
 
 
@@ -91,15 +93,14 @@ def test_model_states_equal_deepspeed_estimators(config):
         assert got[1] == pytest.approx(z2 + 2 * P * (1 - 1 / N), abs=2)    # ZeRO-1 keeps whole 16-bit grads
 
 
-def test_parameter_count_equals_the_model_and_deepspeed():
-    import torch
+@pytest.mark.parametrize("arch", ["transformer", "t5"])
+def test_parameter_count_equals_the_model_and_deepspeed(arch):
     from deepspeed.runtime.zero.stage_1_and_2 import model_to_params
     from launcher.planner.model import param_counts
-    from model.transformer import Transformer, count_parameters
-    cfg = plan_config([], 1)
-    m = Transformer(cfg.model)
+    from model import build, count_parameters
+    cfg = plan_config([f"model.arch={arch}"], 1)
+    m = build(cfg.model)
     assert param_counts(cfg.model, 1)["total"] == model_to_params(m) == count_parameters(cfg.model)
-    del torch
 
 
 def test_plan_command_json(tmp_path):

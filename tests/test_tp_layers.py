@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from launcher.parallel import ParallelDims, parallelize, shard_dims
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                  vocab_parallel_cross_entropy)
+                                  VocabParallelLinearCrossEntropy, copy_to_tp)
 from model.transformer import ModelConfig, Transformer
 from parallel_utils import gather_full_state_dict, merge_tp_state_dicts, spawn, split_state_dict
 
@@ -70,30 +70,32 @@ def _check_layers(r, n, g):
     (out * w_out).sum().backward()
     assert_close(emb.weight.grad, _slice(ref.weight.grad, 0, r, n), **TOL)
 
-    # Vocab-parallel cross-entropy vs F.cross_entropy, with ignored tokens and label smoothing
-    logits = torch.randn(10, 16) * 3
+    # Vocab-parallel cross-entropy from hidden states (chunked, 3 tokens per chunk) vs
+    # F.cross_entropy on the full logits h W^T, with ignored tokens and label smoothing
+    h_full = torch.randn(10, 8)
+    w_full = torch.randn(16, 8)
     labels = torch.tensor([0, 15, 7, 8, -100, 3, 12, -100, 4, 11])
-    for eps in (0.0, 0.1):
-        full = logits.clone().requires_grad_()
-        want = F.cross_entropy(full, labels, ignore_index=-100, reduction="sum", label_smoothing=eps)
+
+    def both(eps, k=None, bias=None):
+        h, w = h_full.clone().requires_grad_(), w_full.clone().requires_grad_()
+        logits = F.linear(h, w) + (bias if bias is not None else 0)
+        want = F.cross_entropy(logits[:, :k] if k else logits, labels, ignore_index=-100, reduction="sum",
+                               label_smoothing=eps)
         want.backward()
-        local = _slice(logits, 1, r, n).clone().requires_grad_()
-        got = vocab_parallel_cross_entropy(local, labels, r * (16 // n), 16, g, -100, eps)
-        assert_close(got.sum(), want, **TOL)
-        assert got[4] == 0 and got[7] == 0
-        (got.sum() * 0.5).backward()
-        assert_close(local.grad, _slice(full.grad, 1, r, n) * 0.5, **TOL)
-    # smoothing over the real vocabulary only (ids < 13; the padded columns hold -1e9 as in the model)
-    logits[:, 13:] = -1e9
+        h2, w2 = h_full.clone().requires_grad_(), _slice(w_full, 0, r, n).clone().requires_grad_()
+        crit = VocabParallelLinearCrossEntropy(g, r * (16 // n), 16, label_smoothing=eps, smooth_classes=k, chunk=3)
+        got, count = crit(copy_to_tp(h2, g), w2, None if bias is None else _slice(bias, 0, r, n), labels)
+        assert count == 8
+        assert_close(got, want, **TOL)
+        (got * 0.5).backward()
+        assert_close(h2.grad, h.grad * 0.5, **TOL)                # all-reduced over TP in backward
+        assert_close(w2.grad, _slice(w.grad, 0, r, n) * 0.5, **TOL)
+
+    for eps in (0.0, 0.1):
+        both(eps)
+    # smoothing over the real vocabulary only (ids < 13; the padded columns biased to -1e9 as in the model)
     labels[labels >= 13] = 5
-    full = logits[:, :13].clone().requires_grad_()
-    want = F.cross_entropy(full, labels, ignore_index=-100, reduction="sum", label_smoothing=0.1)
-    want.backward()
-    local = _slice(logits, 1, r, n).clone().requires_grad_()
-    got = vocab_parallel_cross_entropy(local, labels, r * (16 // n), 16, g, -100, 0.1, smooth_classes=13)
-    assert_close(got.sum(), want, **TOL)
-    got.sum().backward()
-    assert_close(local.grad, _slice(F.pad(full.grad, (0, 3)), 1, r, n), **TOL)
+    both(0.1, k=13, bias=torch.cat([torch.zeros(13), torch.full((3,), -1e9)]))
 
 
 def _batch(c, seed):

@@ -6,7 +6,8 @@
     GatedFeedForward  wi_0, wi_1 -> ColumnParallelLinear (one input copy for both), wo -> RowParallelLinear
     embed             -> VocabParallelEmbedding
     lm_head           -> ColumnParallelLinear (this rank's vocabulary columns); tied: through embed
-    criterion         -> VocabParallelCrossEntropy over the whole padded vocabulary (as T5's loss)
+    criterion         -> VocabParallelLinearCrossEntropy over the whole padded vocabulary (as T5's
+                         loss), chunked over tokens from h and the output weight (untied lm_head or embed)
 
 Replicated activations are copied into the TP region once per consumer group (their gradient
 all-reduced in backward): each attention's input, each FFN's input, the encoder output (for
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
+from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelLinearCrossEntropy,
                                   VocabParallelEmbedding, _shard, copy_to_tp, mark_tp_param)
 from launcher.parallel.rng import tp_local_rng
 from model.t5 import GatedFeedForward, T5Attention
@@ -95,7 +96,8 @@ def apply_tp(model: nn.Module, group) -> None:
     model.encoder_norm.register_forward_hook(_copy_output(group))   # memory -> cross-attention k/v
     model.decoder_norm.register_forward_hook(_copy_output(group))   # h -> output projection
     crit = model.criterion
-    model.criterion = VocabParallelCrossEntropy(group, emb.vocab_start, emb.num_embeddings_full,
-                                                ignore_index=crit.ignore_index,
-                                                label_smoothing=crit.label_smoothing,
-                                                smooth_classes=getattr(crit, "n_classes", 0) or None)
+    model.criterion = VocabParallelLinearCrossEntropy(group, emb.vocab_start, emb.num_embeddings_full,
+                                                      ignore_index=crit.ignore_index,
+                                                      label_smoothing=crit.label_smoothing,
+                                                      smooth_classes=getattr(crit, "n_classes", 0) or None,
+                                                      chunk=getattr(crit, "chunk", 0))

@@ -9,7 +9,7 @@ region (every TP rank holds the same tensor) and the sharded region (each rank h
     ColumnParallelLinear  W (out/tp, in), b (out/tp)     x (.., in) replicated -> y (.., out/tp) sharded
     RowParallelLinear     W (out, in/tp), b (out) repl.  x (.., in/tp) sharded -> y (.., out) replicated
     VocabParallelEmbedding  W (V/tp, D)                  ids replicated -> (.., D) replicated
-    vocab_parallel_cross_entropy  logits (N, V/tp) sharded -> loss per token, without gathering V
+    VocabParallelLinearCrossEntropy  h (N, D) replicated, W (V/tp, D) -> loss, chunked, never gathering V
 
 Every layer is built from the unsharded nn.Module by slicing this rank's part of its weights,
 so the same initial weights give the same function. Sharded parameters carry
@@ -164,81 +164,6 @@ class VocabParallelEmbedding(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loss
-
-class _VocabParallelCE(torch.autograd.Function):
-    """Per-token loss from vocabulary-sharded logits; only (N,)-sized tensors cross ranks."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, vocab_start, smooth_classes, ignore_index, smoothing, group):
-        x = logits.float()                                          # (N, V/tp)
-        n_local = x.shape[-1]
-        m = x.max(dim=-1).values.detach()                           # (N,) max over the full vocab:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        x = x - m.unsqueeze(-1)                                     # new tensor; logits untouched
-        e = x.exp()
-        sum_exp = e.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        valid = labels != ignore_index
-        local = labels - vocab_start
-        in_shard = valid & (local >= 0) & (local < n_local)
-        idx = local.clamp(0, n_local - 1)
-        target = x.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * in_shard
-        dist.all_reduce(target, group=group)
-        log_z = sum_exp.log()
-        loss = log_z - target                                       # -log p(label)
-        k_local = min(max(smooth_classes - vocab_start, 0), n_local)   # this shard's smoothed columns
-        if smoothing > 0:
-            sum_x = x[:, :k_local].sum(dim=-1)
-            dist.all_reduce(sum_x, group=group)
-            loss = (1.0 - smoothing) * loss + smoothing * (log_z - sum_x / smooth_classes)
-        loss = loss * valid
-        e.div_(sum_exp.unsqueeze(-1))                               # softmax, kept for backward
-        ctx.save_for_backward(e, idx, in_shard, valid)
-        ctx.smoothing, ctx.k, ctx.k_local, ctx.dtype, ctx.done = smoothing, smooth_classes, k_local, logits.dtype, False
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.done:
-            raise RuntimeError("vocab-parallel cross-entropy cannot be backpropagated twice (retain_graph)")
-        ctx.done = True
-        grad, idx, in_shard, valid = ctx.saved_tensors              # softmax, reused in place
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, idx] -= (1.0 - ctx.smoothing) * in_shard.to(grad.dtype)
-        if ctx.smoothing > 0:
-            grad[:, :ctx.k_local] -= ctx.smoothing / ctx.k
-        grad.mul_((g * valid).unsqueeze(-1))
-        return grad.to(ctx.dtype), None, None, None, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits, labels, vocab_start: int, vocab_total: int, group,
-                                 ignore_index: int = -100, label_smoothing: float = 0.0,
-                                 smooth_classes: int | None = None) -> torch.Tensor:
-    """logits (N, V/tp) this rank's vocabulary columns, labels (N,) full-vocabulary ids -> loss (N,).
-
-    The same as F.cross_entropy(full_logits, labels, reduction='none', ...) on every TP rank.
-    smooth_classes=K spreads the label-smoothing mass over ids < K only (the real vocabulary, so
-    padded rows are left out): then it equals F.cross_entropy(full_logits[:, :K], ...).
-    """
-    k = vocab_total if smooth_classes is None else smooth_classes
-    return _VocabParallelCE.apply(logits, labels, vocab_start, k, ignore_index, label_smoothing, group)
-
-
-class VocabParallelCrossEntropy(nn.Module):
-    """Drop-in for model.transformer.CrossEntropy: (logits (B, T, V/tp), labels (B, T)) -> (sum, count)."""
-
-    def __init__(self, group, vocab_start: int, vocab_total: int, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, smooth_classes: int | None = None):
-        super().__init__()
-        self.group, self.vocab_start, self.vocab_total = group, vocab_start, vocab_total
-        self.ignore_index, self.label_smoothing, self.smooth_classes = ignore_index, label_smoothing, smooth_classes
-
-    def forward(self, logits, labels):
-        loss = vocab_parallel_cross_entropy(logits.flatten(0, -2), labels.flatten(), self.vocab_start,
-                                            self.vocab_total, self.group, self.ignore_index, self.label_smoothing,
-                                            self.smooth_classes)
-        return loss.sum(), (labels != self.ignore_index).sum()
-
 
 class VocabParallelLinearCrossEntropy(nn.Module):
     """Drop-in for model.loss.LinearCrossEntropy under TP: (h (B, T, D), weight (V/tp, D), bias (V/tp,),

@@ -56,8 +56,9 @@ import torch
 
 from launcher.monitor import flops
 from launcher.parallel.plan import shard_dims
+from model import build
 from model.loss import chunk_tokens
-from model.transformer import ModelConfig, Transformer
+from model.transformer import ModelConfig
 
 GIB = 2 ** 30
 
@@ -91,7 +92,7 @@ def param_counts(c, tp: int, persistence_threshold: int = 100_000) -> dict:
 def _param_counts(key, tp: int, persistence_threshold: int) -> dict:
     c = ModelConfig(**dict(key))
     with torch.device("meta"):
-        m = Transformer(c)
+        m = build(c)                                   # model.arch: transformer or t5
     dims = shard_dims(m)
     total = local = persistent = 0
     for k, p in m.named_parameters():
@@ -146,8 +147,36 @@ def _attn_weights(c, tp, bf16):
     return 4 * 3 * D * D / tp, 4 * (3 + 2) * D * D / tp
 
 
+def _t5_layers(c, lay: Layout, S: int, T: int, bf16: bool) -> tuple[float, float, float]:
+    """model.arch=t5: (encoder layer, decoder layer, per-stack fixed) activation bytes. As the
+    seed model's, with: RMS norms (input, normalised x, output), inner width I = H Dk, the gated
+    FFN (wi_0, gelu, wi_1, product and its dropout mask: 4 F), attention dropout at model.dropout
+    (the math kernel keeps scores, probabilities, mask and dropped probabilities), and the position bias of
+    each stack (1, H, L, L) fp32 with its masked copy, shared by the stack's layers."""
+    D, F, H, tp, B = c.d_model, c.d_ff, c.n_heads, lay.tp, lay.micro
+    inner = H * (c.head_dim or D // H)
+    a, r = (2 if bf16 else 4), 4
+    drop = 1 if c.dropout > 0 else 0
+    norm = 2 * r * D + a * D
+    ffn = (4 * a * F + drop * F) / tp
+    enc_tok = 2 * norm + a * 4 * inner / tp + ffn + 2 * drop * D + 4 * H / tp
+    dec_tok = 3 * norm + a * 6 * inner / tp + ffn + 3 * drop * D + 8 * H / tp
+    dec_src = 2 * a * inner / tp
+    enc_layer = B * S * enc_tok
+    dec_layer = B * T * dec_tok + B * S * dec_src
+    if drop:
+        enc_layer += B * H / tp * S * S * (3 * a + 1)
+        dec_layer += B * H / tp * (T * T + T * S) * (3 * a + 1)
+    bias = 2 * 4 * H / tp * (S * S + T * T)
+    fixed = bias + drop * B * (S + T) * D * 2 + 2 * (norm + drop * D) * B * (S + T) / 2
+    return enc_layer, dec_layer, fixed
+
+
 def activations(c, lay: Layout, S: int, T: int, bf16: bool) -> dict:
     """Activation bytes saved for backward per rank (one micro-batch), and one layer's worth."""
+    if c.arch == "t5":
+        enc_layer, dec_layer, fixed = _t5_layers(c, lay, S, T, bf16)
+        return _stacks(c, lay, S, T, enc_layer, dec_layer, fixed)
     D, F, H, tp, B = c.d_model, c.d_ff, c.n_heads, lay.tp, lay.micro
     a, r = (2 if bf16 else 4), 4
     drop = 1 if c.dropout > 0 else 0
@@ -161,10 +190,17 @@ def activations(c, lay: Layout, S: int, T: int, bf16: bool) -> dict:
         enc_layer += B * H / tp * S * S * (a + 1)
         dec_layer += B * H / tp * (T * T + T * S) * (a + 1)
     fixed = drop * B * (S + T) * D + 2 * r * B * S * D + r * B * T * D      # embedding masks, final norms
+    return _stacks(c, lay, S, T, enc_layer, dec_layer, fixed)
+
+
+def _stacks(c, lay: Layout, S: int, T: int, enc_layer: float, dec_layer: float, fixed: float) -> dict:
+    """Both stacks from one layer's bytes: every layer kept, or (activation checkpointing) each
+    layer's input kept and one layer recomputed at a time."""
+    B, D, r = lay.micro, c.d_model, 4
     Le, Ld = c.n_encoder_layers, c.n_decoder_layers
     if lay.ckpt:
         stored = Le * r * B * S * D + Ld * r * B * T * D + fixed
-        act = stored + max(enc_layer, dec_layer)               # one layer recomputed at a time
+        act = stored + max(enc_layer, dec_layer)
     else:
         act = Le * enc_layer + Ld * dec_layer + fixed
     return {"activations": act, "enc_layer": enc_layer, "dec_layer": dec_layer}

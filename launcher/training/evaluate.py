@@ -30,17 +30,22 @@ def evaluate(engine, stream: DataStream, cfg: RunConfig, mesh: Mesh, device: str
     engine.eval()
     try:
         n = steps_in_epoch(stream.spec, 0)
-        tot = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # summed on the device: no sync per batch
+        count = torch.zeros((), dtype=torch.float64, device=device)
         it = iter(stream)
         first = None
         for _ in range(n):
-            b = to_device(next(it), device)
+            host = next(it)
+            unpadded = bool(host["src_mask"].all())      # as in training: no padding, no attention mask
+            b = to_device(host, device)
             first = first or b
             with autocast(device, cfg.train.precision):
                 segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
-                loss, cnt = engine(b["src"], b["src_mask"], b["tgt_in"], b["labels"], **segments)
-            tot += torch.tensor([loss.item(), cnt.item()], dtype=torch.float64)
-        tot = all_reduce(tot, device, mesh.dp_group)
+                loss, cnt = engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"],
+                                   **segments)
+            loss_sum += loss.detach().double()
+            count += cnt.double()
+        tot = all_reduce(torch.stack([loss_sum, count]), device, mesh.dp_group)
         val = tot[0].item() / max(tot[1].item(), 1)
         res = {"loss": val, "ppl": math.exp(min(val, 50))}
         rows = None
