@@ -102,7 +102,7 @@ class BenchTrainer(Trainer):
     def __init__(self, cfg, device):
         self.cfg, self.device, self.dp, self.accum = cfg, device, 1, 1
         self.mesh = ParallelDims.from_world(1, 1).build(0)
-        self.mpu, self.dp_group, self._grad_norm = self.mesh.deepspeed_mpu(), self.mesh.dp_group, 0.0
+        self.dp_group, self._grad_norm = self.mesh.dp_group, 0.0
         # the step guard and the (idle) watchdog the trainer's step uses: part of what is timed
         t = cfg.train
         self.env, self.watchdog = read_env(), Watchdog(0, 0, 1)

@@ -42,12 +42,11 @@ def measure(rank, world, overrides, steps=2):
     cfg = plan_config(overrides, world)
     from launcher.parallel import ParallelDims
     mesh = ParallelDims.from_world(cfg.parallel.tp, world).build(rank)
-    mpu = mesh.deepspeed_mpu()
 
     class T(Trainer):
         def __init__(self):
-            self.cfg, self.device, self.dp, self.accum, self.mpu = cfg, "cpu", mesh.dp, 1, mpu
-            self.dp_group = mpu.get_data_parallel_group() if mpu else None
+            self.cfg, self.device, self.dp, self.accum, self.mesh = cfg, "cpu", mesh.dp, 1, mesh
+            self.dp_group = mesh.dp_group
             self._grad_norm = 0.0
             self.env, self.state, self.watchdog = read_env(), TrainState(), Watchdog(0, rank, world)
     t = T()

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from launcher.parallel import ParallelDims, parallelize, shard_dims
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                  VocabParallelLinearCrossEntropy, copy_to_tp)
+                                  VocabParallelLinearCrossEntropy, clip_grad_norm_tp, copy_to_tp)
 from model.transformer import ModelConfig, Transformer
 from parallel_utils import gather_full_state_dict, merge_tp_state_dicts, spawn, split_state_dict
 
@@ -136,6 +136,9 @@ def _check_model(r, n, g, mesh, norm, dropout, ckpt):
     full = gather_full_state_dict(tp, mesh, grads)
     for k, p in ref.named_parameters():
         assert_close(full[k], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{norm} {k}: {m}")
+    # the trainer's ZeRO-0 gradient norm: sharded parts summed over the group, replicated once
+    want_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+    assert_close(clip_grad_norm_tp(tp.parameters(), float("inf"), g), want_norm, rtol=1e-5, atol=0)
     # replicated gradients are bitwise identical on the TP ranks, so replicated weights never drift
     per_rank = [None] * n
     dist.all_gather_object(per_rank, grads, group=g)

@@ -195,3 +195,31 @@ class VocabParallelLinearCrossEntropy(nn.Module):
                                     smooth_classes=self.smooth_classes or self.vocab_total,
                                     vocab_start=self.vocab_start, reduce_max=self._max, reduce_sum=self._sum)
         return loss, (labels != self.ignore_index).sum()
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def clip_grad_norm_tp(parameters, max_norm: float, group=None) -> torch.Tensor:
+    """Global L2 norm of the gradients of a tensor-parallel model, clipped to max_norm in place
+    (max_norm = inf: the norm only). Sharded gradients (tensor_model_parallel) are summed over
+    the TP group, replicated ones counted once; both through torch's foreach kernels (one launch
+    per group of tensors, not one norm per parameter). -> the norm, a 0-dim tensor on the
+    gradients' device. The gradients must be final (data-parallel reduced) and the same on
+    every TP rank for replicated parameters, as the TP layers keep them."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    sharded = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
+    replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
+    if sharded:
+        part = torch.nn.utils.get_total_norm(sharded, 2.0).float() ** 2
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(part, group=group)
+        sq = sq + part
+    if replicated:
+        sq = sq + torch.nn.utils.get_total_norm(replicated, 2.0).float() ** 2
+    total = sq.sqrt()
+    if max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -107,6 +107,10 @@ def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mesh.deepspeed_mpu(),
         config=ds_config(cfg, accum, n_params=n_local), dist_init_required=False)
+    if mesh.dp == 1 and cfg.parallel.zero_stage == 0:
+        # one data-parallel rank: DeepSpeed would still flatten every gradient into a buffer,
+        # all-reduce it over a group of one and copy it back after each backward
+        engine.enable_backward_allreduce = False
     return engine, scheduler
 
 

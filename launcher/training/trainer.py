@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.utils import clip_grad_norm_
 
 from launcher.checkpoint.manager import CheckpointManager
 from launcher.checkpoint.rng import seed_all
@@ -34,6 +33,7 @@ from launcher.dist_env import DistEnv
 from launcher.monitor import flops
 from launcher.monitor.metrics import Monitor
 from launcher.parallel.dims import ParallelDims
+from launcher.parallel.tp import clip_grad_norm_tp
 from launcher.signals import StopSignal
 from launcher.training.engine import all_reduce, autocast, build_engine, init_distributed, to_device
 from launcher.training.evaluate import evaluate
@@ -78,7 +78,6 @@ class Trainer:
         self.cfg, self.env, self.inputs = cfg, env, inputs
         self.device = init_distributed(env, cfg.train.collective_timeout_s)
         self.mesh = dims.build(env.rank)
-        self.mpu = self.mesh.deepspeed_mpu()          # None at tp=1 (plain data parallelism)
         self.dp, self.dp_rank, self.dp_group = dims.dp, self.mesh.dp_rank, self.mesh.dp_group
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
         self.is_rank0 = env.rank == 0
@@ -208,11 +207,11 @@ class Trainer:
                     factor = float("nan")              # DeepSpeed sees a non-finite norm and skips
             self.engine.backward(loss * factor)
             if i == len(batches) - 1 and zero == 0:
-                # Without ZeRO, DeepSpeed clips but does not report the norm: clip here, with the
-                # same TP-aware function (each sharded parameter counted once, replicated ones once).
+                # Without ZeRO, DeepSpeed clips but does not report the norm: clip here (TP-aware:
+                # each sharded gradient summed over the TP group, replicated ones counted once).
                 max_norm = self.cfg.optim.grad_clip or float("inf")
-                self._grad_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm,
-                                                        mpu=self.mpu))
+                self._grad_norm = float(clip_grad_norm_tp(self.engine.module.parameters(), max_norm,
+                                                          self.mesh.tp_group))
                 why = why or self.state.guard.judge(loss_value, self._grad_norm)
                 if why:
                     self._skip_without_zero()
