@@ -33,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from launcher.parallel.dims import Mesh
 from launcher.parallel.rng import tp_local_rng
 from launcher.parallel import plan_t5
-from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                  VocabParallelLinearCrossEntropy, copy_to_tp)
+from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_output_hook,
+                                  copy_to_tp, shard_attention, vocab_parallel_criterion)
 from model.transformer import Attention, FeedForward, Transformer
 
 
@@ -70,12 +70,6 @@ def shard_dims(model: nn.Module) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- applying the plan
 
-def _copy_output_hook(group):
-    def hook(module, args, output):
-        return copy_to_tp(output, group)
-    return hook
-
-
 def _attention_input_hook(group, copy_kv: bool):
     """Copies x (and kv, unless it was copied upstream) into the TP region once for q, k and v."""
     sig = inspect.signature(Attention.forward)
@@ -95,9 +89,7 @@ def _apply_tp(model: Transformer, group) -> None:
         raise ValueError("parallelize: the model is already tensor-parallel")
     for name, m in list(model.named_modules()):
         if isinstance(m, Attention):
-            for c in ("q", "k", "v"):
-                setattr(m, c, ColumnParallelLinear(getattr(m, c), group, copy_input=False))
-            m.o = RowParallelLinear(m.o, group)
+            shard_attention(m, group)
             # cross-attention keys/values read the encoder output, copied once below
             m.register_forward_pre_hook(_attention_input_hook(group, copy_kv=not name.endswith("cross_attn")),
                                         with_kwargs=True)
@@ -110,14 +102,9 @@ def _apply_tp(model: Transformer, group) -> None:
     model.embed = emb
     lo, hi = emb.vocab_start, emb.vocab_start + emb.num_embeddings
     model.logits_bias = model.logits_bias[lo:hi].clone()          # stays a non-persistent buffer
-    model.encoder_norm.register_forward_hook(_copy_output_hook(group))   # memory -> cross-attn k/v
-    model.decoder_norm.register_forward_hook(_copy_output_hook(group))   # h -> tied output projection
-    crit = model.criterion
-    model.criterion = VocabParallelLinearCrossEntropy(group, lo, emb.num_embeddings_full,
-                                                      ignore_index=crit.ignore_index,
-                                                      label_smoothing=crit.label_smoothing,
-                                                      smooth_classes=getattr(crit, "n_classes", 0) or None,
-                                                      chunk=getattr(crit, "chunk", 0))
+    model.encoder_norm.register_forward_hook(copy_output_hook(group))   # memory -> cross-attn k/v
+    model.decoder_norm.register_forward_hook(copy_output_hook(group))   # h -> tied output projection
+    model.criterion = vocab_parallel_criterion(model.criterion, emb, group)
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:

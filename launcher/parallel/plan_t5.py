@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelLinearCrossEntropy,
-                                  VocabParallelEmbedding, _shard, copy_to_tp, mark_tp_param)
+from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _shard,
+                                  copy_output_hook, copy_to_tp, mark_tp_param, shard_attention,
+                                  vocab_parallel_criterion)
 from launcher.parallel.rng import tp_local_rng
 from model.t5 import GatedFeedForward, T5Attention
 
@@ -53,12 +54,6 @@ def _copy_inputs(group, copy_kv: bool):
     return hook
 
 
-def _copy_output(group):
-    def hook(module, args, output):
-        return copy_to_tp(output, group)
-    return hook
-
-
 def _shard_table(emb: nn.Embedding, group) -> nn.Embedding:
     import torch.distributed as dist
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -73,9 +68,7 @@ def apply_tp(model: nn.Module, group) -> None:
         raise ValueError("parallelize: the model is already tensor-parallel")
     for name, m in list(model.named_modules()):
         if isinstance(m, T5Attention):
-            for c in ("q", "k", "v"):
-                setattr(m, c, ColumnParallelLinear(getattr(m, c), group, copy_input=False))
-            m.o = RowParallelLinear(m.o, group)
+            shard_attention(m, group)
             if hasattr(m, BIAS_TABLE):
                 setattr(m, BIAS_TABLE, _shard_table(getattr(m, BIAS_TABLE), group))
             # positional (x, kv, mask) as the layers call it; cross-attention k/v read memory, copied once below
@@ -93,11 +86,6 @@ def apply_tp(model: nn.Module, group) -> None:
     model.embed = emb
     if model.lm_head is not None:
         model.lm_head = ColumnParallelLinear(model.lm_head, group, copy_input=False)
-    model.encoder_norm.register_forward_hook(_copy_output(group))   # memory -> cross-attention k/v
-    model.decoder_norm.register_forward_hook(_copy_output(group))   # h -> output projection
-    crit = model.criterion
-    model.criterion = VocabParallelLinearCrossEntropy(group, emb.vocab_start, emb.num_embeddings_full,
-                                                      ignore_index=crit.ignore_index,
-                                                      label_smoothing=crit.label_smoothing,
-                                                      smooth_classes=getattr(crit, "n_classes", 0) or None,
-                                                      chunk=getattr(crit, "chunk", 0))
+    model.encoder_norm.register_forward_hook(copy_output_hook(group))   # memory -> cross-attention k/v
+    model.decoder_norm.register_forward_hook(copy_output_hook(group))   # h -> output projection
+    model.criterion = vocab_parallel_criterion(model.criterion, emb, group)

@@ -197,6 +197,31 @@ class VocabParallelLinearCrossEntropy(nn.Module):
         return loss, (labels != self.ignore_index).sum()
 
 
+# ----------------------------------------------------------------------------- plan helpers
+
+def shard_attention(m: nn.Module, group) -> None:
+    """An attention module's q, k, v -> ColumnParallelLinear (this rank's heads; its input is
+    copied into the TP region once, by the plan's hook), o -> RowParallelLinear."""
+    for c in ("q", "k", "v"):
+        setattr(m, c, ColumnParallelLinear(getattr(m, c), group, copy_input=False))
+    m.o = RowParallelLinear(m.o, group)
+
+
+def copy_output_hook(group):
+    """A forward hook copying a module's (replicated) output into the TP region."""
+    def hook(module, args, output):
+        return copy_to_tp(output, group)
+    return hook
+
+
+def vocab_parallel_criterion(crit: nn.Module, emb: VocabParallelEmbedding, group) -> "VocabParallelLinearCrossEntropy":
+    """The model's LinearCrossEntropy, as its vocabulary-parallel counterpart over emb's rows."""
+    return VocabParallelLinearCrossEntropy(group, emb.vocab_start, emb.num_embeddings_full,
+                                           ignore_index=crit.ignore_index, label_smoothing=crit.label_smoothing,
+                                           smooth_classes=getattr(crit, "n_classes", 0) or None,
+                                           chunk=getattr(crit, "chunk", 0))
+
+
 # ----------------------------------------------------------------------------- gradients
 
 def clip_grad_norm_tp(parameters, max_norm: float, group=None) -> torch.Tensor:

@@ -168,7 +168,7 @@ def _t5_layers(c, lay: Layout, S: int, T: int, bf16: bool) -> tuple[float, float
         enc_layer += B * H / tp * S * S * (3 * a + 1)
         dec_layer += B * H / tp * (T * T + T * S) * (3 * a + 1)
     bias = 2 * 4 * H / tp * (S * S + T * T)
-    fixed = bias + drop * B * (S + T) * D * 2 + 2 * (norm + drop * D) * B * (S + T) / 2
+    fixed = bias + 2 * drop * B * (S + T) * D + (norm + drop * D) * B * (S + T)   # masks, final norms
     return enc_layer, dec_layer, fixed
 
 
