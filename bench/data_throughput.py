@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.packed import INDEX_DTYPE, index_name  # noqa: E402
 from data.stream import DataStream, StreamSpec, resolve_shards  # noqa: E402
 from launcher.config import load_config  # noqa: E402
-from model.transformer import Transformer, padded_vocab  # noqa: E402
+from model import build, padded_vocab  # noqa: E402
 import dataclasses  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def train_rate(config: str, micro_batch: int, src_len: int, tgt_len: int, vocab:
     cfg = load_config(os.path.join(ROOT, config))
     mc = dataclasses.replace(cfg.model, real_vocab_size=vocab, vocab_size=padded_vocab(vocab, cfg.model.vocab_multiple))
     torch.manual_seed(0)
-    model = Transformer(mc)
+    model = build(mc)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     src = torch.randint(3, vocab, (micro_batch, src_len))
     tgt = torch.randint(3, vocab, (micro_batch, tgt_len))

@@ -50,14 +50,14 @@ elif mode == "ours-verify":
 elif mode == "zero_to_fp32":
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
-    from model.hf_adapter import to_hf_state_dict
+    from model import arch_of
     from launcher.config import config_from_dict
     root, tag = C.resolve_checkpoint(ckpt)
     cfg = config_from_dict(C.load_trainer_state(root, tag)["config"])
     sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     sd = {{k: (v.contiguous() if hasattr(v, "contiguous") else v) for k, v in sd.items()}}
     os.makedirs(out, exist_ok=True)
-    save_file(to_hf_state_dict(sd, cfg.model), os.path.join(out, "model.safetensors"))
+    save_file(arch_of(cfg.model).hf.to_hf_state_dict(sd, cfg.model), os.path.join(out, "model.safetensors"))
 dt = time.perf_counter() - t
 time.sleep(0.05)
 print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -106,7 +106,8 @@ def main() -> None:
         _corpus(os.path.join(work, "corpus.jsonl"))
         _run([sys.executable, "-m", "launcher.cli", "prepare", os.path.join(work, "corpus.jsonl"), "--out", data,
               "--objective", "pairs", "--vocab-size", "32000", "--quiet"])
-    from model.transformer import ModelConfig, count_parameters
+    from launcher.config import model_config_from_dict
+    from model import count_parameters
     rows = []
     for z in a.zero:
         run = os.path.join(work, f"run-zero{z}")
@@ -118,7 +119,7 @@ def main() -> None:
         with open(os.path.join(run, "checkpoints", "latest")) as f:
             tag_dir = os.path.join(run, "checkpoints", f.read().strip())
         with open(os.path.join(tag_dir, "trainer_state.json")) as f:
-            mc = ModelConfig(**json.load(f)["config"]["model"])
+            mc = model_config_from_dict(json.load(f)["config"]["model"])
         res = {m: _measure(m, run, os.path.join(work, f"hf-{m}-z{z}"))
                for m in ("imports", "ours", "ours-verify", "zero_to_fp32")}
         rows.append((z, count_parameters(mc), _du(tag_dir), res))

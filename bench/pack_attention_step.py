@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.transformer import ModelConfig, Transformer  # noqa: E402
+from model.transformer import Transformer, TransformerConfig as ModelConfig  # noqa: E402
 
 
 def main() -> None:

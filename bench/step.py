@@ -10,9 +10,10 @@ loaded with our initial weights), the same batches (full-length random token pai
 as packed span data), three contenders timed in alternation, one step of each per round (the
 order rotates every round, so drift in machine load hits all three alike):
 
-  trainer   Trainer.train_step through build_engine (the trainer's own code: token count
-            all-reduce, DeepSpeed engine forward/backward/step at the configured ZeRO stage,
-            compile and activation checkpointing as configured)
+  trainer   the trainer's step (launcher/training/step.py TrainStep, built by the same constructor
+            as in the trainer: token count all-reduce, the step guard's one host read, DeepSpeed
+            engine forward/backward/step at the configured ZeRO stage, compile and activation
+            checkpointing as configured)
   bare      the same encdec model in a plain loop: forward, backward, gradient clipping (as the
             trainer), torch AdamW step, zero_grad
   hf        PegasusForConditionalGeneration (Marian for post-LN) in the same plain loop, labels
@@ -49,13 +50,11 @@ from launcher.config import ConfigError, load_config  # noqa: E402
 from launcher.monitor import flops  # noqa: E402
 from launcher.parallel import ParallelDims  # noqa: E402
 from launcher.planner.measure import PeakMemory  # noqa: E402
-from launcher.training.engine import build_engine, build_optimizer  # noqa: E402
-from launcher.dist_env import read_env  # noqa: E402
+from launcher.precision import precision_of  # noqa: E402
+from launcher.training.engine import build_optimizer  # noqa: E402
 from launcher.training.guard import StepGuard  # noqa: E402
-from launcher.training.trainer import Trainer, TrainState  # noqa: E402
-from launcher.training.watchdog import Watchdog  # noqa: E402
-from model.hf_adapter import hf_class_name, hf_config, to_hf_state_dict  # noqa: E402
-from model.transformer import Transformer, count_parameters, padded_vocab  # noqa: E402
+from launcher.training.step import TrainStep  # noqa: E402
+from model import arch_of, build, count_parameters, padded_vocab  # noqa: E402
 
 DEFAULT_OVERRIDES = [
     "name=bench-step", "model.d_model=256", "model.n_heads=4", "model.d_ff=1024", "model.n_encoder_layers=3",
@@ -95,23 +94,21 @@ def random_batch(cfg, seed: int) -> dict:
             "labels": tgt[:, 1:].contiguous(), "pad_frac": 0.0}
 
 
-class BenchTrainer(Trainer):
-    """The trainer's step (Trainer.train_step, unchanged) on an engine from build_engine, without
-    the data stream, monitor and checkpoint machinery the bench does not time."""
+class BenchTrainer:
+    """The trainer's step (TrainStep, through the constructor the trainer uses), without the data
+    stream, monitor and checkpoint machinery the bench does not time."""
 
     def __init__(self, cfg, device):
-        self.cfg, self.device, self.dp, self.accum = cfg, device, 1, 1
-        self.mesh = ParallelDims.from_world(1, 1).build(0)
-        self.dp_group, self._grad_norm = self.mesh.dp_group, 0.0
-        # the step guard and the (idle) watchdog the trainer's step uses: part of what is timed
         t = cfg.train
-        self.env, self.watchdog = read_env(), Watchdog(0, 0, 1)
-        self.state = TrainState(guard=StepGuard(t.max_bad_steps, t.spike_z, t.spike_window))
-        torch.manual_seed(cfg.train.seed)
-        self.engine, self.scheduler = build_engine(cfg, self.mesh, device, 1)
+        torch.manual_seed(t.seed)
+        self.fn = TrainStep(cfg, ParallelDims.from_world(1, 1).build(0), device, 1,
+                            StepGuard(t.max_bad_steps, t.spike_z, t.spike_window))
+        self.i = 0
 
     def step(self, b):
-        return self.train_step([b])
+        out = self.fn([b], self.i)
+        self.i += 1
+        return out.loss
 
 
 class BareLoop:
@@ -120,11 +117,13 @@ class BareLoop:
     def __init__(self, cfg, device, hf: bool):
         self.cfg, self.device, self.hf = cfg, device, hf
         torch.manual_seed(cfg.train.seed)
-        ours = Transformer(cfg.model)
+        ours = build(cfg.model)
         if hf:
             import transformers
-            model = getattr(transformers, hf_class_name(cfg.model))(hf_config(cfg.model))
-            missing, unexpected = model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg.model), strict=False)
+            adapter = arch_of(cfg.model).hf
+            model = getattr(transformers, adapter.class_name(cfg.model))(adapter.hf_config(cfg.model))
+            missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(ours.state_dict(), cfg.model),
+                                                        strict=False)
             assert not unexpected, unexpected
             del ours
         else:
@@ -136,8 +135,7 @@ class BareLoop:
     def step(self, b):
         dev = self.device
         b = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
-        with torch.autocast("cuda" if dev.startswith("cuda") else "cpu", dtype=torch.bfloat16,
-                            enabled=self.cfg.train.precision == "bf16"):
+        with precision_of(self.cfg).autocast(dev):
             if self.hf:
                 loss = self.model(input_ids=b["src"], attention_mask=b["src_mask"], decoder_input_ids=b["tgt_in"],
                                   labels=b["labels"]).loss
@@ -208,7 +206,7 @@ def main(argv=None) -> int:
             runners[name] = make()
             out = runners[name].step(batches[0])
             _sync(device)
-        first[name] = float(out["loss"] if isinstance(out, dict) else out)
+        first[name] = float(out)
         peaks[name] = pm.peak
         if on_cuda:
             cuda_peaks[name] = torch.cuda.max_memory_allocated() - base

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import ModelConfig, build, count_parameters  # noqa: E402
+from model import build, count_parameters, make_config  # noqa: E402
 
 
 def step_time(c: ModelConfig, batch: int, src_len: int, tgt_len: int, steps: int) -> float:
@@ -62,10 +62,11 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    base = ModelConfig(vocab_size=a.vocab, real_vocab_size=a.vocab, d_model=a.d_model, n_heads=a.heads, d_ff=a.d_ff,
-                       n_encoder_layers=a.layers, n_decoder_layers=a.layers, dropout=a.dropout,
-                       max_positions=max(a.src_len, a.tgt_len))
-    t5 = dataclasses.replace(base, arch="t5", layer_norm_eps=1e-6)
+    shared = dict(vocab_size=a.vocab, real_vocab_size=a.vocab, d_model=a.d_model, n_heads=a.heads, d_ff=a.d_ff,
+                  n_encoder_layers=a.layers, n_decoder_layers=a.layers, dropout=a.dropout,
+                  max_positions=max(a.src_len, a.tgt_len))
+    base = make_config(**shared)
+    t5 = make_config(arch="t5", **{**shared, "layer_norm_eps": 1e-6})
     t5_matched = dataclasses.replace(t5, d_ff=a.d_ff * 2 // 3)
     print(f"CPU, {torch.get_num_threads()} threads, fp32; batch {a.batch} x src {a.src_len} / tgt {a.tgt_len}, "
           f"d_model {a.d_model}, {a.heads} heads, {a.layers}+{a.layers} layers, vocab {a.vocab}, dropout {a.dropout}")

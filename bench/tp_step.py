@@ -49,7 +49,7 @@ from launcher.config import ConfigError, RunConfig, load_config  # noqa: E402
 from launcher.dist_env import free_port, read_env  # noqa: E402
 from launcher.parallel import ParallelDims, validate_layout  # noqa: E402
 from launcher.training.engine import build_engine, init_distributed  # noqa: E402
-from model.transformer import count_parameters, padded_vocab  # noqa: E402
+from model import count_parameters, padded_vocab  # noqa: E402
 
 # The default model: transformer-base widths, 3+3 layers, seconds per step on 2 CPU cores.
 DEFAULT_OVERRIDES = [

@@ -1,6 +1,8 @@
 """Files and folders that never sit half-written under their final name.
 
-    atomic_write(path, text)   temp file in the same folder, fsync, rename, fsync the folder
+    atomic_path(path)          a temporary path beside `path`; fsynced and renamed onto it on success
+    atomic_file(path, mode)    the same, as an open file (text or binary)
+    atomic_write(path, data)   atomic_file with its whole content
     atomic_dir(out)            a temporary folder beside `out`, renamed into place on success
     file_digest(path)          {"size", "sha256"}: what checkpoints record and verify
 """
@@ -31,19 +33,33 @@ def fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str, text: str) -> None:
+@contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path beside `path` for the caller to write (any writer: torch.save, savefig);
+    on success it is fsynced and renamed onto `path` (and the folder fsynced); on failure removed."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path))
+
+
+@contextmanager
+def atomic_file(path: str, mode: str = "w"):
+    """An open file ("w" text, UTF-8, or "wb") that appears under `path` only when complete."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+    with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
 
 
 def file_digest(path: str) -> dict:

@@ -9,8 +9,10 @@ import json
 import os
 from typing import Iterator
 
+from common.errors import UserError
 
-class CorpusError(ValueError):
+
+class CorpusError(UserError):
     pass
 
 

@@ -31,10 +31,7 @@ def add_index(folder: str) -> dict:
         if len(lengths) != s["num_samples"]:
             raise DataError(f"{s['name']}: {len(lengths)} samples, the manifest says {s['num_samples']}")
         name = index_name(os.path.basename(s["name"]))
-        tmp = os.path.join(folder, name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(np.asarray(lengths, dtype=INDEX_DTYPE).tobytes())
-        os.replace(tmp, os.path.join(folder, name))
+        atomic_write(os.path.join(folder, name), np.asarray(lengths, dtype=INDEX_DTYPE).tobytes())
         s["index"], s["doc_tokens"] = name, int(sum(lengths))
     atomic_write(path, json.dumps(man, indent=1))
     return man

@@ -33,9 +33,9 @@ from common.atomic import atomic_dir, atomic_write
 from data.corpus import CorpusError, read_records
 from data.packed import INDEX_DTYPE, doc_length, index_name
 from data.prepare_plan import BadLines, limit_text, make_plan, read_plan, work_dir
+from data.sources import MANIFEST
 from data.tokenizer import load_tokenizer
 
-MANIFEST = "manifest.json"
 TAR_MTIME = 946684800        # fixed member times (2000-01-01): shards are byte-identical however they were made
 log = logging.getLogger("encdec.prepare")
 

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import braceexpand
 
+from common.errors import UserError
+
 from data.procs import ignore_stop_signals
 
 MANIFEST = "manifest.json"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing data; the message names the file, shard or key."""
 
 

@@ -9,6 +9,8 @@ import json
 import os
 import random
 
+from common.atomic import atomic_file
+
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
         "sixteen seventeen eighteen nineteen".split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -66,9 +68,8 @@ def write_corpus(out_dir: str, n_heldout: int = 500, seed: int = 0, repeat: int 
         nums = list(nums)
         rng.shuffle(nums)
         path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_file(path) as f:
             for n in nums:
                 f.write(json.dumps({"src": english(n), "tgt": chinese(n)}, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
         paths.append(path)
     return paths[0], paths[1]

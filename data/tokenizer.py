@@ -16,6 +16,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from common.errors import UserError
+
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SENTINELS = 100
@@ -56,7 +58,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     tok = Tokenizer.from_file(path)
     for i, s in enumerate([PAD, EOS, UNK]):
         if tok.token_to_id(s) != i:
-            raise ValueError(f"tokenizer {path}: special token {s} must have id {i}, has {tok.token_to_id(s)}")
+            raise UserError(f"tokenizer {path}: special token {s} must have id {i}, has {tok.token_to_id(s)}")
     return tok
 
 

@@ -11,10 +11,10 @@ import signal
 import subprocess
 import sys
 
-from data.corpus import CorpusError
-from data.sources import DataError
-from launcher.checkpoint.format import CheckpointError
-from launcher.config import ConfigError, load_config
+from common.atomic import atomic_write
+from common.errors import UserError
+from launcher import run_files
+from launcher.config import load_config
 from launcher.signals import StopSignal
 
 # The subcommands import their modules when they run: deepspeed and transformers take seconds to
@@ -178,10 +178,7 @@ def _mark_user_error(cmd: str, msg: str) -> None:
     if cmd != "train" or not run_dir or not os.path.isdir(run_dir):
         return
     try:
-        tmp = os.path.join(run_dir, f".user_error.{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(msg + "\n")
-        os.replace(tmp, os.path.join(run_dir, "user_error"))
+        atomic_write(os.path.join(run_dir, run_files.USER_ERROR), msg + "\n")
     except OSError:
         pass
 
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except (ConfigError, CorpusError, CheckpointError, DataError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:     # the user's to fix: one line, no traceback
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"encdec: error: {msg}", file=sys.stderr)
         _mark_user_error(args.cmd, msg)

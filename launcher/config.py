@@ -14,14 +14,16 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_file
+from common.errors import UserError
+
 from data.mixture import parse_mixture
 from data.ul2 import parse_table
 from data.ul2 import Denoiser
-from model import check_model_config
-from model.transformer import ModelConfig
+from model import ARCHS, ModelConfig, arch_of, get as get_arch, make_config
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config value; the message names the key."""
 
 
@@ -120,7 +122,7 @@ class WandbConfig:
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"       # run folder: config, metrics, checkpoints, wandb id
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=make_config)    # model.arch's config class (default transformer)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -178,11 +180,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 def _build(cls: type, raw: dict, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {raw!r}")
+    if cls is ModelConfig:                   # the settings of model.arch: its own config class
+        name = raw.get("arch", "transformer") if isinstance(raw, dict) else "transformer"
+        if name not in ARCHS:
+            raise ConfigError(f"config key '{prefix}arch': must be one of {', '.join(ARCHS)}, got {name!r}")
+        cls = get_arch(name).config
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+            arch = f" of model.arch={raw.get('arch', 'transformer')}" if issubclass(cls, ModelConfig) else ""
+            raise ConfigError(f"unknown config key '{prefix}{k}'{arch} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
@@ -241,18 +249,40 @@ def config_to_dict(cfg: Any) -> dict:
     return fix(d)
 
 
+# Settings every model config held before each architecture got its own class (a checkpoint or run
+# folder of an older version): dropped when they hold the value that meant "unused".
+_LEGACY_MODEL_KEYS = {"head_dim": 0, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+                      "tie_embeddings": False, "norm": "pre", "activation": "relu", "attention_dropout": 0.0}
+
+
+def _migrate(d: dict) -> dict:
+    m = d.get("model")
+    if not isinstance(m, dict):
+        return d
+    try:
+        names = {f.name for f in dataclasses.fields(get_arch(str(m.get("arch", "transformer"))).config)}
+    except ValueError:
+        return d
+    m = {k: v for k, v in m.items() if k in names or _LEGACY_MODEL_KEYS.get(k, object()) != v}
+    return {**d, "model": m}
+
+
+def model_config_from_dict(m: dict) -> ModelConfig:
+    """A saved model section -> its config class (the shared checks only; no run-level validation)."""
+    return _build(ModelConfig, _migrate({"model": m})["model"], "model.")
+
+
 def config_from_dict(d: dict) -> RunConfig:
-    cfg = _build(RunConfig, d, "")
+    """A saved effective config (run folder, checkpoint, exported folder) -> validated RunConfig."""
+    cfg = _build(RunConfig, _migrate(d), "")
     validate(cfg)
     return cfg
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
     """Writes the effective config as YAML, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -266,23 +296,13 @@ def validate(cfg: RunConfig) -> None:
     """Checks each value and the values that must agree with each other. The parallel layout
     (which needs the world size) is checked once per start by launcher.parallel.dims.validate_layout."""
     m, t, d, o, p = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.parallel
-    _check(m.d_model > 0, "model.d_model", f"must be > 0, got {m.d_model}")
-    for key, msg in check_model_config(m):                   # model.arch and the t5 settings
+    for key, msg in m.check():                              # the shared settings and the architecture's own
         _check(False, key, msg)
-    if m.arch != "t5":                                       # t5: heads of model.head_dim, no sinusoids
-        _check(m.n_heads > 0 and m.d_model % m.n_heads == 0, "model.n_heads",
-               f"{m.n_heads} heads do not divide model.d_model={m.d_model}")
-        _check((m.d_model // m.n_heads) % 2 == 0 and m.d_model % 2 == 0, "model.d_model",
-               f"{m.d_model} must be even (sinusoidal positions)")
-    _check(m.norm in ("pre", "post"), "model.norm", f"must be 'pre' or 'post', got {m.norm!r}")
-    _check(m.activation in ("relu", "gelu"), "model.activation", f"must be relu or gelu, got {m.activation!r}")
-    _check(m.n_encoder_layers > 0 and m.n_decoder_layers > 0, "model.n_encoder_layers",
-           "encoder and decoder need at least one layer")
-    _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(d.objective in ("pairs", "span", "ul2"), "data.objective",
            f"must be pairs, span or ul2, got {d.objective!r}")
-    _check(not (d.pack_attention and m.arch == "t5"), "data.pack_attention",
-           "document-aware attention is built for model.arch=transformer only (t5 adds its position bias)")
+    _check(not d.pack_attention or arch_of(m).document_attention, "data.pack_attention",
+           f"document-aware attention is not built for model.arch={m.arch} "
+           f"({arch_of(m).meta.get('document_attention', 'no per-document masks')})")
     if d.ul2 or d.objective == "ul2":
         try:
             parse_table(d.ul2)

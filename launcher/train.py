@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from launcher.config import RunConfig
 from launcher.dist_env import DistEnv, export_torch_env, for_this_process, read_env
+from launcher.faults import Faults
 from launcher.parallel.dims import validate_layout
 from launcher.signals import StopSignal
 from launcher.training.inputs import resolve_inputs
@@ -24,7 +25,7 @@ def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Train
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
     inputs = resolve_inputs(cfg)
     export_torch_env(for_this_process(env))
-    trainer = Trainer(cfg, env, dims, inputs, stop=stop)
+    trainer = Trainer(cfg, env, dims, inputs, stop=stop, faults=Faults.from_env())   # test switches, read once
     trainer.resume()
     return trainer
 

@@ -5,12 +5,11 @@ cache plumbing."""
 from __future__ import annotations
 
 import torch
-
-from model.transformer import Transformer
+import torch.nn as nn
 
 
 @torch.no_grad()
-def greedy(model: Transformer, src: torch.Tensor, src_mask: torch.Tensor, max_new_tokens: int = 64,
+def greedy(model: nn.Module, src: torch.Tensor, src_mask: torch.Tensor, max_new_tokens: int = 64,
            forward=None, stop_early: bool = True) -> torch.Tensor:
     """src (B, S) -> (B, 1 + n) token ids starting with the decoder start token, as HF generate returns.
 

@@ -26,16 +26,45 @@ output projection through self.lm_head (or self.embed), the loss through self.cr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.arch import ShardedBlock, TPPlan, embedding
+from model.config import ModelConfig
 from model.loss import LinearCrossEntropy
-from model.transformer import ModelConfig
 
 
-def head_dim(c: ModelConfig) -> int:
+@dataclass
+class T5Config(ModelConfig):
+    arch: str = "t5"
+    head_dim: int = 0            # per-head width (HF d_kv); 0 = d_model // n_heads
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    tie_embeddings: bool = False  # output projection tied to the embedding (original T5, h * d_model^-0.5)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = super().check()
+        if self.head_dim < 0:
+            bad.append(("model.head_dim", f"must be >= 0, got {self.head_dim}"))
+        if not self.head_dim and (self.n_heads <= 0 or self.d_model % self.n_heads):
+            bad.append(("model.n_heads", f"{self.n_heads} heads do not divide model.d_model={self.d_model} "
+                                         "(or set model.head_dim)"))
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
+            bad.append(("model.relative_attention_num_buckets",
+                        f"must be an even number >= 4, got {self.relative_attention_num_buckets}"))
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            bad.append(("model.relative_attention_max_distance",
+                        f"must exceed relative_attention_num_buckets / 4, got {self.relative_attention_max_distance}"))
+        return bad
+
+    def identity(self) -> dict:
+        return {**super().identity(), "head_dim": head_dim(self)}      # 0 = d_model // n_heads: compare widths
+
+
+def head_dim(c: T5Config) -> int:
     return c.head_dim or c.d_model // c.n_heads
 
 
@@ -82,7 +111,7 @@ class T5Attention(nn.Module):
     relative_attention_bias (num_buckets, H) is held by the first layer of each stack only.
     """
 
-    def __init__(self, c: ModelConfig, has_bias_table: bool = False):
+    def __init__(self, c: T5Config, has_bias_table: bool = False):
         super().__init__()
         self.head_dim = head_dim(c)
         inner = c.n_heads * self.head_dim
@@ -93,7 +122,7 @@ class T5Attention(nn.Module):
         self.dropout = c.dropout
         self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
         if has_bias_table:
-            self.relative_attention_bias = nn.Embedding(self.num_buckets, c.n_heads)
+            self.relative_attention_bias = embedding(self.num_buckets, c.n_heads)
 
     def position_bias(self, q_len: int, k_len: int, bidirectional: bool) -> torch.Tensor:
         """(1, H_local, q_len, k_len) float: the bias of every head held here."""
@@ -120,7 +149,7 @@ class T5Attention(nn.Module):
 class GatedFeedForward(nn.Module):
     """wo(dropout(gelu_tanh(wi_0 x) * wi_1 x)): T5 v1.1's gated-GELU (HF feed_forward_proj="gated-gelu")."""
 
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: T5Config):
         super().__init__()
         self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
@@ -132,7 +161,7 @@ class GatedFeedForward(nn.Module):
 
 
 class T5EncoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, first: bool):
+    def __init__(self, c: T5Config, first: bool):
         super().__init__()
         self.self_norm = RMSNorm(c.d_model, c.layer_norm_eps)
         self.self_attn = T5Attention(c, has_bias_table=first)
@@ -147,7 +176,7 @@ class T5EncoderLayer(nn.Module):
 
 
 class T5DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, first: bool):
+    def __init__(self, c: T5Config, first: bool):
         super().__init__()
         self.self_norm = RMSNorm(c.d_model, c.layer_norm_eps)
         self.self_attn = T5Attention(c, has_bias_table=first)
@@ -165,12 +194,12 @@ class T5DecoderLayer(nn.Module):
 
 
 class T5(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: T5Config):
         super().__init__()
         if c.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.config = c
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)       # shared by encoder and decoder inputs
+        self.embed = embedding(c.vocab_size, c.d_model)          # shared by encoder and decoder inputs
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList(T5EncoderLayer(c, i == 0) for i in range(c.n_encoder_layers))
         self.decoder = nn.ModuleList(T5DecoderLayer(c, i == 0) for i in range(c.n_decoder_layers))
@@ -179,11 +208,16 @@ class T5(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         # over the whole (padded) vocabulary, as HF T5's loss; chunked from h, logits never whole
         self.criterion = LinearCrossEntropy()
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:            # on the meta device: shapes only, init_weights() later
+            self.init_weights()
 
-    def reset_parameters(self):
-        """T5's initialisation (Mesh TensorFlow / HF _init_weights with factor 1)."""
+    @torch.no_grad()
+    def init_weights(self):
+        """T5's initialisation (Mesh TensorFlow / HF _init_weights with factor 1); norms to 1."""
         c, dk = self.config, head_dim(self.config)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
         nn.init.normal_(self.embed.weight, std=1.0)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=1.0)
@@ -245,12 +279,45 @@ class T5(nn.Module):
         return self.criterion(h, w, None, labels)
 
 
-def count_parameters(c: ModelConfig) -> int:
-    """Parameter count without building the model."""
-    d, f, v, inner = c.d_model, c.d_ff, c.vocab_size, c.n_heads * head_dim(c)
-    attn = 4 * d * inner
-    ffn = 3 * d * f
-    table = c.relative_attention_num_buckets * c.n_heads
-    enc = c.n_encoder_layers * (attn + ffn + 2 * d) + table + d
-    dec = c.n_decoder_layers * (2 * attn + ffn + 3 * d) + table + d
-    return v * d * (1 if c.tie_embeddings else 2) + enc + dec
+# ----------------------------------------------------------------------------- what encdec needs to know of it
+
+TP_PLAN = TPPlan(
+    blocks=(ShardedBlock(T5Attention, columns=("q", "k", "v"), rows=("o",), head_tables=("relative_attention_bias",),
+                         inputs=2, kv_copied_upstream=("cross_attn",)),
+            ShardedBlock(GatedFeedForward, columns=("wi_0", "wi_1"), rows=("wo",))),
+    vocab_heads=("lm_head",))
+
+
+def describe(c: T5Config) -> str:
+    return ("T5 v1.1 (RMS norm, relative position bias, gated GELU, "
+            + ("tied" if c.tie_embeddings else "untied") + " output head)")
+
+
+def attention_width(c: T5Config) -> int:
+    return c.n_heads * head_dim(c)
+
+
+def activation_terms(c: T5Config, B: int, S: int, T: int, tp: int, bf16: bool) -> tuple[float, float, float]:
+    """Activation bytes saved for backward (one encoder layer, one decoder layer, per-stack fixed),
+    for launcher/planner/model.py. As the seed model's (model/transformer.py), with: RMS norms (input,
+    normalised x, output), inner width I = H Dk, the gated FFN (wi_0, gelu, wi_1, product and its
+    dropout mask: 4 F), attention dropout at model.dropout (the math kernel keeps scores,
+    probabilities, mask and dropped probabilities), and the position bias of each stack
+    (1, H, L, L) fp32 with its masked copy, shared by the stack's layers."""
+    D, F, H = c.d_model, c.d_ff, c.n_heads
+    inner = attention_width(c)
+    a, r = (2 if bf16 else 4), 4
+    drop = 1 if c.dropout > 0 else 0
+    norm = 2 * r * D + a * D
+    ffn = (4 * a * F + drop * F) / tp
+    enc_tok = 2 * norm + a * 4 * inner / tp + ffn + 2 * drop * D + 4 * H / tp
+    dec_tok = 3 * norm + a * 6 * inner / tp + ffn + 3 * drop * D + 8 * H / tp
+    dec_src = 2 * a * inner / tp
+    enc_layer = B * S * enc_tok
+    dec_layer = B * T * dec_tok + B * S * dec_src
+    if drop:
+        enc_layer += B * H / tp * S * S * (3 * a + 1)
+        dec_layer += B * H / tp * (T * T + T * S) * (3 * a + 1)
+    bias = 2 * 4 * H / tp * (S * S + T * T)
+    fixed = bias + 2 * drop * B * (S + T) * D + (norm + drop * D) * B * (S + T)   # masks, final norms
+    return enc_layer, dec_layer, fixed

@@ -20,41 +20,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.arch import ShardedBlock, TPPlan, embedding
+from model.config import ModelConfig, heads_divide
 from model.loss import LinearCrossEntropy
 
 
 @dataclass
-class ModelConfig:
-    vocab_size: int = 0          # padded size (embedding rows); 0 = set from the tokenizer
-    real_vocab_size: int = 0     # tokenizer size; ids >= this get -inf logits
-    vocab_multiple: int = 128    # pad the embedding to a multiple of this (and of TP)
-    d_model: int = 512
-    n_heads: int = 8
-    d_ff: int = 2048
-    n_encoder_layers: int = 6
-    n_decoder_layers: int = 6
+class TransformerConfig(ModelConfig):
+    arch: str = "transformer"
     norm: str = "pre"            # pre: LN before each sublayer + final LN (stable); post: as in the paper
     activation: str = "relu"
-    dropout: float = 0.1         # embeddings, residual branches
     attention_dropout: float = 0.0
-    max_positions: int = 1024
-    layer_norm_eps: float = 1e-5
-    pad_id: int = 0
-    eos_id: int = 1
-    decoder_start_id: int = 0    # the decoder input starts with <pad>, as in Pegasus and Marian
-    # arch t5 (model/t5.py): T5 v1.1. The fields below are used by t5 only.
-    arch: str = "transformer"    # transformer | t5
-    head_dim: int = 0            # t5: per-head width (HF d_kv); 0 = d_model // n_heads
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    tie_embeddings: bool = False  # t5: output projection tied to the embedding (original T5, h * d_model^-0.5)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = super().check() + heads_divide(self)
+        if not bad and ((self.d_model // self.n_heads) % 2 or self.d_model % 2):
+            bad.append(("model.d_model", f"{self.d_model} must be even (sinusoidal positions)"))
+        if self.norm not in ("pre", "post"):
+            bad.append(("model.norm", f"must be 'pre' or 'post', got {self.norm!r}"))
+        if self.activation not in ("relu", "gelu"):
+            bad.append(("model.activation", f"must be relu or gelu, got {self.activation!r}"))
+        return bad
 
 
-def padded_vocab(n: int, multiple: int) -> int:
-    return ((n + multiple - 1) // multiple) * multiple
-
-
-def vocab_logits_bias(c: "ModelConfig") -> torch.Tensor:
+def vocab_logits_bias(c: ModelConfig) -> torch.Tensor:
     """(V,): 0 on the real vocabulary, -1e9 on the padded rows (never predicted); exported as
     Hugging Face's final_logits_bias."""
     bias = torch.zeros(c.vocab_size)
@@ -226,38 +215,22 @@ def attention_mask(src_mask):
     """
     if src_mask is None:
         return None
-    if src_mask.device.type == "cpu" and bool(src_mask.all()):
+    if src_mask.device.type == "cpu" and src_mask.numpy().all():      # host memory: numpy reads it in place
         return None
     return src_mask[:, None, None, :]
 
 
-class CrossEntropy(nn.Module):
-    """Reference criterion on materialised logits (the model uses LinearCrossEntropy). Summed token cross-entropy over labels != ignore_index; returns (sum, count)."""
-
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, n_classes: int = 0):
-        super().__init__()
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.n_classes = n_classes            # >0: only the real vocabulary (smoothing skips padded ids)
-
-    def forward(self, logits, labels):
-        if self.n_classes:
-            logits = logits[..., :self.n_classes]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.ignore_index,
-                               reduction="sum", label_smoothing=self.label_smoothing)
-        return loss, (labels != self.ignore_index).sum()
-
-
 class Transformer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: TransformerConfig):
         super().__init__()
         if c.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.config = c
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)   # shared: source, target, output
+        self.embed = embedding(c.vocab_size, c.d_model)      # shared: source, target, output
         self.embed_scale = math.sqrt(c.d_model)
-        self.register_buffer("positions", sinusoid_table(c.max_positions, c.d_model), persistent=False)
-        self.register_buffer("logits_bias", vocab_logits_bias(c), persistent=False)
+        # fixed tables, filled by init_weights (not saved: functions of the config)
+        self.register_buffer("positions", torch.empty(c.max_positions, c.d_model), persistent=False)
+        self.register_buffer("logits_bias", torch.empty(c.vocab_size), persistent=False)
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_decoder_layers))
@@ -265,13 +238,20 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm == "pre" else nn.Identity()
         self.criterion = LinearCrossEntropy(n_classes=c.real_vocab_size)
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:            # on the meta device: shapes only, init_weights() later
+            self.init_weights()
 
-    def reset_parameters(self):
+    @torch.no_grad()
+    def init_weights(self):
+        """Xavier-uniform linear weights, zero biases, N(0, d_model^-1/2) embedding, the fixed tables."""
+        self.positions.copy_(sinusoid_table(self.config.max_positions, self.config.d_model))
+        self.logits_bias.copy_(vocab_logits_bias(self.config))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
         nn.init.normal_(self.embed.weight, std=self.config.d_model ** -0.5)
 
     def _embed(self, ids):
@@ -318,13 +298,48 @@ class Transformer(nn.Module):
         return self.criterion(h, self.embed.weight, self.logits_bias, labels)
 
 
-def count_parameters(c: ModelConfig) -> int:
-    """Parameter count (tied embedding counted once), without building the model."""
-    d, f, v = c.d_model, c.d_ff, c.vocab_size
-    attn = 4 * (d * d + d)
-    ffn = d * f + f + f * d + d
-    ln = 2 * d
-    enc = c.n_encoder_layers * (attn + ffn + 2 * ln)
-    dec = c.n_decoder_layers * (2 * attn + ffn + 3 * ln)
-    final = 2 * ln if c.norm == "pre" else 0
-    return v * d + enc + dec + final
+# ----------------------------------------------------------------------------- what encdec needs to know of it
+
+TP_PLAN = TPPlan(
+    blocks=(ShardedBlock(Attention, columns=("q", "k", "v"), rows=("o",), inputs=2, kv_copied_upstream=("cross_attn",)),
+            ShardedBlock(FeedForward, columns=("fc1",), rows=("fc2",), dropout="")),
+    vocab_buffers=("logits_bias",))
+
+
+def describe(c: TransformerConfig) -> str:
+    return f"Transformer ({c.norm}-LN, sinusoidal positions, tied embeddings)"
+
+
+def attention_width(c: ModelConfig) -> int:
+    return c.d_model
+
+
+def activation_terms(c: TransformerConfig, B: int, S: int, T: int, tp: int, bf16: bool) -> tuple[float, float, float]:
+    """Activation bytes saved for backward: (one encoder layer, one decoder layer, the rest), for
+    launcher/planner/model.py. Per token (a = bytes of matmul operands, 4 fp32 / 2 bf16 autocast;
+    r = 4, the fp32 residual stream and LayerNorm inputs; flash/efficient SDPA, no S x S matrix;
+    dropout masks 1 byte):
+        encoder layer   2 r D (LN inputs) + 2 a D (LN outputs into linears)
+                        + a (3 D + D + D) / tp (q|k|v, attention output, its copy) + a F / tp
+                        + 2 D (dropout masks) + 4 H / tp (log-sum-exp)
+        decoder layer   3 r D + 3 a D + a (3 D + 3 D + D) / tp + a F / tp + 3 D + 8 H / tp
+          per source    2 a D / tp (cross-attention k|v)
+    + the fused-projection weight copies per layer (q|k|v and k|v concatenations, saved in fp32
+    runs; bf16 casts of every weight under autocast), embeddings' dropout masks, final norms."""
+    D, F, H = c.d_model, c.d_ff, c.n_heads
+    a, r = (2 if bf16 else 4), 4
+    drop = 1 if c.dropout > 0 else 0
+    enc_tok = 2 * r * D + 2 * a * D + a * 5 * D / tp + a * F / tp + 2 * drop * D + 4 * H / tp + 8
+    dec_tok = 3 * r * D + 3 * a * D + a * 7 * D / tp + a * F / tp + 3 * drop * D + 8 * H / tp + 12
+    dec_src = 2 * a * D / tp + (a * D if bf16 else 0)          # k|v of the memory (+ its bf16 cast per layer)
+    if bf16:   # autocast keeps a bf16 copy of every weight it casts (and of the concatenations)
+        w_enc, w_dec = 2 * (5 * D * D + 2 * D * F) / tp, 2 * (8 * D * D + 2 * D * F) / tp
+    else:
+        w_enc, w_dec = 4 * 3 * D * D / tp, 4 * 5 * D * D / tp
+    enc_layer = B * S * enc_tok + w_enc
+    dec_layer = B * T * dec_tok + B * S * dec_src + w_dec
+    if c.attention_dropout > 0:                                # math attention: probabilities + mask kept
+        enc_layer += B * H / tp * S * S * (a + 1)
+        dec_layer += B * H / tp * (T * T + T * S) * (a + 1)
+    fixed = drop * B * (S + T) * D + 2 * r * B * S * D + r * B * T * D      # embedding masks, final norms
+    return enc_layer, dec_layer, fixed

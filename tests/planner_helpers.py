@@ -29,41 +29,31 @@ def batch(cfg, step, dp_rank):
 
 
 def measure(rank, world, overrides, steps=2):
-    """Builds the trainer's engine and runs `steps` trainer steps (Trainer.train_step) under the
-    trackers: the peak of live tensor bytes from the engine's construction on, and the bytes of
-    every collective of the last step."""
+    """Builds the trainer's step (launcher/training/step.py: its engine from build_engine) and runs
+    `steps` steps under the trackers: the peak of live tensor bytes from the engine's construction
+    on, and the bytes of every collective of the last step."""
     import deepspeed
-    from launcher.training.engine import build_engine
     from launcher.planner.measure import CollectiveBytes, PeakMemory
-    from launcher.dist_env import read_env
-    from launcher.training.trainer import Trainer, TrainState
-    from launcher.training.watchdog import Watchdog
+    from launcher.training.guard import StepGuard
+    from launcher.training.step import TrainStep
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = plan_config(overrides, world)
     from launcher.parallel import ParallelDims
     mesh = ParallelDims.from_world(cfg.parallel.tp, world).build(rank)
-
-    class T(Trainer):
-        def __init__(self):
-            self.cfg, self.device, self.dp, self.accum, self.mesh = cfg, "cpu", mesh.dp, 1, mesh
-            self.dp_group = mesh.dp_group
-            self._grad_norm = 0.0
-            self.env, self.state, self.watchdog = read_env(), TrainState(), Watchdog(0, rank, world)
-    t = T()
     torch.manual_seed(0)
     with PeakMemory() as pm:
-        t.engine, _ = build_engine(cfg, mesh, "cpu", 1)
+        t = TrainStep(cfg, mesh, "cpu", 1, StepGuard(0), rank=rank)
         for step in range(steps):
             if step == steps - 1:
                 resting = pm.current
                 peak_before = pm.peak
                 pm.reset_peak()
                 with CollectiveBytes() as cb:
-                    loss = t.train_step([batch(cfg, step, mesh.dp_rank)])["loss"]
+                    loss = t([batch(cfg, step, mesh.dp_rank)], step).loss
                 step_peak = pm.peak - resting
                 pm.peak = max(pm.peak, peak_before)
             else:
-                t.train_step([batch(cfg, step, mesh.dp_rank)])
+                t([batch(cfg, step, mesh.dp_rank)], step)
     out = {"peak": pm.peak, "step_peak_above_rest": step_peak, "resting": resting, "comm": dict(cb.bytes), "calls": dict(cb.calls), "loss": loss}
     t.engine.destroy()
     del deepspeed

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from model.loss import linear_cross_entropy
-from model.transformer import Attention, CrossEntropy, ModelConfig, Transformer, attention_mask
+from model.transformer import Attention, TransformerConfig as ModelConfig, Transformer, attention_mask
+from reference import CrossEntropy
 from parallel_utils import spawn
 
 CFG = ModelConfig(vocab_size=64, real_vocab_size=60, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2,

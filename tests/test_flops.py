@@ -5,7 +5,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from launcher.monitor import flops
-from model.transformer import ModelConfig, Transformer
+from model.transformer import Transformer, TransformerConfig as ModelConfig
 
 
 def tiny_cfg(**kw):

@@ -10,9 +10,9 @@ from tests.conftest import run_cli
 
 def _our_model(ckpt_dir):
     from ckpt_helpers import consolidated
-    from model.transformer import Transformer
+    from model import build
     cfg, sd = consolidated(ckpt_dir)
-    m = Transformer(cfg.model)
+    m = build(cfg.model)
     m.load_state_dict(sd)
     return m.eval()
 

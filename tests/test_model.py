@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.transformer import ModelConfig, Transformer, count_parameters, sinusoid_table
+from model import count_parameters
+from model.transformer import Transformer, TransformerConfig as ModelConfig, sinusoid_table
 
 CFG = ModelConfig(vocab_size=64, real_vocab_size=60, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2,
                   n_decoder_layers=2, dropout=0.0, max_positions=32)

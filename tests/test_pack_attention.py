@@ -2,7 +2,7 @@
 document does not depend on the other documents' tokens; without segments it does."""
 import torch
 
-from model.transformer import ModelConfig, Transformer, document_mask
+from model.transformer import Transformer, TransformerConfig as ModelConfig, document_mask
 
 
 def _model():

@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from launcher.config import ConfigError
 from launcher.parallel import ParallelDims, check_model_for_tp, parallelize
-from model.transformer import ModelConfig, Transformer
+from model.transformer import Transformer, TransformerConfig as ModelConfig
 from parallel_utils import spawn
 
 

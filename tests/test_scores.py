@@ -6,7 +6,7 @@ import torch
 
 from launcher.monitor.scores import score
 from model.generate import greedy
-from model.transformer import ModelConfig, Transformer
+from model.transformer import Transformer, TransformerConfig as ModelConfig
 
 
 def greedy_generate(model, src_ids, src_mask, max_len: int) -> list[list[int]]:

@@ -23,7 +23,7 @@ T5 = ("model.arch=t5", "model.layer_norm_eps=1e-6", "model.relative_attention_nu
 def make_t5(out: str, tokenizer_dir: str, seed: int = 0) -> str:
     from transformers import T5Config, T5ForConditionalGeneration
     from data.tokenizer import save_hf_tokenizer
-    from model.t5_hf import untie_head
+    from reference import untie_head
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,

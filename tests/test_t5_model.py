@@ -7,10 +7,11 @@ shows up in the logits.
 import pytest
 import torch
 
-from model import ModelConfig, build, count_parameters
+from model import build, count_parameters, make_config as ModelConfig
 from model.generate import greedy
-from model.t5_hf import (from_hf_state_dict, hf_config, hf_key_map, hf_tied, model_config_from_hf,
-                         to_hf_state_dict, untie_head)
+from reference import as_t5_adapter_functions, untie_head
+
+from_hf_state_dict, hf_config, hf_key_map, hf_tied, model_config_from_hf, to_hf_state_dict = as_t5_adapter_functions()
 
 TOL = 1e-4
 

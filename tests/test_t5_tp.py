@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from launcher.parallel import ParallelDims, parallelize, shard_dims
-from model import ModelConfig, build
+from model import build, make_config as ModelConfig
 from parallel_utils import gather_full_state_dict, merge_tp_state_dicts, spawn, split_state_dict
 
 

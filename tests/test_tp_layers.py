@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from launcher.parallel import ParallelDims, parallelize, shard_dims
 from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                   VocabParallelLinearCrossEntropy, clip_grad_norm_tp, copy_to_tp)
-from model.transformer import ModelConfig, Transformer
+from model.transformer import Transformer, TransformerConfig as ModelConfig
 from parallel_utils import gather_full_state_dict, merge_tp_state_dicts, spawn, split_state_dict
 
 TOL = dict(rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from launcher.parallel import ParallelDims, parallelize
 from launcher.parallel.rng import tp_local_rng
-from model import ModelConfig, build
+from model import build, make_config as ModelConfig
 from parallel_utils import spawn
 
 

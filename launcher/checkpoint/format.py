@@ -15,30 +15,27 @@ optimizer.safetensors], written by `encdec import`), or hf (a Hugging Face folde
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch
 
 from common.atomic import file_digest
+from common.errors import UserError
+from launcher import run_files
+from launcher.config import ConfigError, model_config_from_dict
 
 STATE_FILE = "trainer_state.json"
-LATEST = "latest"
+LATEST = run_files.LATEST
 PARTIAL = ".partial"
-# model settings that must agree between a checkpoint and the run resuming it (dropout may change)
-ARCH_KEYS = ("real_vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers",
-             "n_decoder_layers", "norm", "activation", "max_positions", "layer_norm_eps", "pad_id", "eos_id",
-             "decoder_start_id", "arch", "head_dim", "relative_attention_num_buckets",
-             "relative_attention_max_distance", "tie_embeddings")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A missing, incomplete, corrupt or incompatible checkpoint; the message names the file."""
 
 
 def ckpt_root(cfg) -> str:
-    return os.path.join(cfg.out_dir, "checkpoints")
+    return os.path.join(cfg.out_dir, run_files.CHECKPOINTS)
 
 
 def tag_for(step: int) -> str:
@@ -106,16 +103,18 @@ def verify_files(tag_dir: str, state: dict, rank: int = 0, world: int = 1, full:
 
 
 def check_compatible(saved_cfg: dict, mc, where: str) -> None:
-    """Raises naming every model setting that differs between the checkpoint and this run."""
-    saved = dict(saved_cfg.get("model", {}))
-    if saved.get("head_dim") == 0 or mc.head_dim == 0:      # 0 = d_model // n_heads: compare the widths
-        saved["head_dim"] = saved.get("head_dim") or saved.get("d_model", 0) // max(saved.get("n_heads", 1), 1)
-        mc = dataclasses.replace(mc, head_dim=mc.head_dim or mc.d_model // mc.n_heads)
-    diff = [f"model.{k}={saved.get(k)!r} in the checkpoint, {getattr(mc, k)!r} in this run"
-            for k in ARCH_KEYS if k in saved and saved[k] != getattr(mc, k)]
+    """Raises naming every model setting that differs between the checkpoint and this run (the
+    settings of ModelConfig.identity: dropout and the padded vocabulary may change)."""
+    try:
+        saved_mc = model_config_from_dict(saved_cfg.get("model", {}))
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {where}: its model config cannot be read ({e})") from None
+    a, b = saved_mc.identity(), mc.identity()
+    diff = [f"model.{k}={a.get(k)!r} in the checkpoint, {b.get(k)!r} in this run"
+            for k in sorted(set(a) | set(b), key=lambda k: (k != "arch", k)) if a.get(k) != b.get(k)]
     # the padded vocabulary may differ (another tp or vocab_multiple): rows past the real vocabulary are padding
-    v_saved, real = saved.get("vocab_size"), saved.get("real_vocab_size") or saved.get("vocab_size")
-    if v_saved is not None and v_saved != mc.vocab_size and (real is None or min(v_saved, mc.vocab_size) < real):
+    v_saved, real = saved_mc.vocab_size, saved_mc.real_vocab_size or saved_mc.vocab_size
+    if v_saved and v_saved != mc.vocab_size and min(v_saved, mc.vocab_size) < real:
         diff.append(f"model.vocab_size={v_saved!r} in the checkpoint, {mc.vocab_size!r} in this run")
     if diff:
         raise CheckpointError(f"checkpoint {where} is from another model config: " + "; ".join(diff))
@@ -151,7 +150,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     path = os.path.abspath(path.rstrip("/"))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    for root in (os.path.join(path, "checkpoints"), path):
+    for root in (os.path.join(path, run_files.CHECKPOINTS), path):
         if os.path.isfile(os.path.join(root, LATEST)):
             return root, read_latest(root)
     if os.path.isfile(os.path.join(path, STATE_FILE)):

@@ -15,7 +15,7 @@ A save killed at any point leaves `latest` on the previous complete checkpoint.
 Resume: on the layout the checkpoint was written with (world size, tp, ZeRO stage), DeepSpeed's
 own loader restores everything and training continues bitwise as if never stopped. On any other
 layout, reshard.py loads the whole tensors (weights and Adam state) into the new engine
-(ENCDEC_RESHARD=always forces that path on the same layout too; the tests use it). Every file is
+(the tests force that path on the same layout too: launcher/faults.py). Every file is
 checked against its recorded size and sha256 first, and every file is loaded with weights_only.
 """
 from __future__ import annotations
@@ -24,14 +24,13 @@ import ctypes
 import json
 import os
 import shutil
-import signal
 
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from tokenizers import Tokenizer
 
-from common.atomic import atomic_write, file_digest, fsync_dir, fsync_file
+from common.atomic import atomic_path, atomic_write, file_digest, fsync_dir
 from launcher.checkpoint.format import (LATEST, PARTIAL, ROLLBACK, STATE_FILE, CheckpointError, check_compatible,
                                         ckpt_root, is_hf_folder, load_pt, read_latest, read_state, resolve_resume,
                                         tag_for, verify_files)
@@ -40,48 +39,36 @@ from launcher.checkpoint.reader import CheckpointReader
 from launcher.checkpoint.reshard import load_into_engine
 from launcher.checkpoint.rng import rng_state, seed_all, set_rng_state
 from launcher.config import config_to_dict
+from launcher.faults import NONE, Faults
 from launcher.parallel.dims import Mesh
-
-
-def _maybe_kill(point: str, rank: int, tag: str) -> None:
-    """ENCDEC_CKPT_KILL=rank:point:tag sends SIGKILL to that rank at that point of that save (kill -9
-    tests). Points: ds-file (after each DeepSpeed file), files-written, before-rename, before-latest."""
-    spec = os.environ.get("ENCDEC_CKPT_KILL")
-    if spec:
-        r, p, t = spec.split(":", 2)
-        if int(r) == rank and p == point and t == tag:
-            print(f"ENCDEC_CKPT_KILL: rank {rank} killed at '{point}'", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _SafeIO(TorchCheckpointEngine):
     """DeepSpeed's checkpoint I/O: torch.save in the zip format (mmap-able), fsynced, remembered;
     loads with weights_only."""
 
-    def __init__(self, config_params, rank):
+    def __init__(self, config_params, rank, faults: Faults = NONE):
         super().__init__(config_params)
         self.zipfile_serialization = True
-        self.rank, self.written = rank, []
+        self.rank, self.written, self.faults = rank, [], faults
 
     def save(self, state_dict, path: str):
-        tmp = f"{path}.tmp"
-        torch.save(state_dict, tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state_dict, tmp)
         self.written.append(path)
-        _maybe_kill("ds-file", self.rank, os.path.basename(os.path.dirname(path)).removesuffix(PARTIAL))
+        self.faults.at_checkpoint("ds-file", self.rank, os.path.basename(os.path.dirname(path)).removesuffix(PARTIAL))
 
     def load(self, path: str, map_location=None):
         return load_pt(path, mmap=False, map_location=map_location or "cpu")
 
 
-def _install_io(engine, rank: int) -> _SafeIO | None:
+def _install_io(engine, rank: int, faults: Faults = NONE) -> _SafeIO | None:
     ce = getattr(engine, "checkpoint_engine", None)
     if isinstance(ce, _SafeIO):
         return ce
     if type(ce) is not TorchCheckpointEngine:          # a custom (async, NVMe) engine: leave it alone
         return None
-    engine.checkpoint_engine = _SafeIO(engine._config, rank)
+    engine.checkpoint_engine = _SafeIO(engine._config, rank, faults)
     return engine.checkpoint_engine
 
 
@@ -175,8 +162,8 @@ def _check_tokenizer(tag_dir: str, run_tok: str) -> None:
 class CheckpointManager:
     """Saves and resumes one run's checkpoints (RUN_DIR/checkpoints) for one rank."""
 
-    def __init__(self, cfg, env, mesh: Mesh, tokenizer_path: str):
-        self.cfg, self.rank, self.world = cfg, env.rank, env.world_size
+    def __init__(self, cfg, env, mesh: Mesh, tokenizer_path: str, faults: Faults = NONE):
+        self.cfg, self.rank, self.world, self.faults = cfg, env.rank, env.world_size, faults
         self.mesh, self.tokenizer_path = mesh, tokenizer_path
         self.root = ckpt_root(cfg)
         self.layout = {"world_size": env.world_size, "tp": cfg.parallel.tp, "dp": mesh.dp,
@@ -226,7 +213,7 @@ class CheckpointManager:
             files = self._write_rank_files(engine, part_tag, part_dir)
         except (OSError, RuntimeError) as e:                # torch.save reports a failed write as RuntimeError
             err = failed(e)
-        _maybe_kill("files-written", rank, tag)
+        self.faults.at_checkpoint("files-written", rank, tag)
         gathered = _gather((files, err))
         errs = [e for _, e in gathered if e]
         if errs:
@@ -249,14 +236,14 @@ class CheckpointManager:
 
     def _write_rank_files(self, engine, part_tag: str, part_dir: str) -> dict:
         """This rank's DeepSpeed files and RNG state in TAG.partial/, fsynced -> {relative path: size, sha256}."""
-        io = _install_io(engine, self.rank)
+        io = _install_io(engine, self.rank, self.faults)
         if io is not None:
             io.written = []
         engine.save_checkpoint(self.root, tag=part_tag, save_latest=False)
         written = list(io.written) if io is not None else []
         rng_path = os.path.join(part_dir, f"rng-rank{self.rank:04d}.pt")
-        torch.save(rng_state(), rng_path)
-        fsync_file(rng_path)
+        with atomic_path(rng_path) as tmp:
+            torch.save(rng_state(), tmp)
         written.append(rng_path)
         if io is None:                                     # a custom engine: list what is there
             written = [os.path.join(part_dir, f) for f in os.listdir(part_dir)]
@@ -273,10 +260,10 @@ class CheckpointManager:
                  "scheduler": _jsonable(scheduler.state_dict()) if scheduler else None,
                  "optimizer_param_names": self._optimizer_param_names(engine), "files": all_files}
         atomic_write(os.path.join(part_dir, STATE_FILE), json.dumps(state, indent=1))
-        _maybe_kill("before-rename", rank, tag)
+        self.faults.at_checkpoint("before-rename", rank, tag)
         _move_into_place(part_dir, final_dir)           # a re-save of this step (after a rollback) too
         fsync_dir(root)
-        _maybe_kill("before-latest", rank, tag)
+        self.faults.at_checkpoint("before-latest", rank, tag)
         atomic_write(os.path.join(root, LATEST), tag)
         _prune(root, self.cfg.checkpoint.keep, keep_tag=tag)
         for script in ("zero_to_fp32.py", "zero_to_torch.py"):   # DeepSpeed's recovery scripts: `encdec convert`
@@ -313,9 +300,9 @@ class CheckpointManager:
         state = self._read(tag_dir)
         same = (state["format"] == "deepspeed" and state.get("layout") == self.layout
                 and state["config"]["model"].get("vocab_size") == self.cfg.model.vocab_size
-                and os.environ.get("ENCDEC_RESHARD") != "always")     # the switch the tests use to force resharding
+                and not self.faults.reshard_always)
         if same:
-            _install_io(engine, self.rank)
+            _install_io(engine, self.rank, self.faults)
             path, _ = engine.load_checkpoint(root, tag=tag, load_module_strict=True)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-from unittest import mock
 
 import torch
 
@@ -297,11 +296,7 @@ class CheckpointReader:
 
 def meta_model(mc):
     """The unsharded model on the meta device (shapes only, no memory, no initialisation)."""
-    # normal_ and arange on meta tensors go through torch's Python decompositions (a second of imports);
-    # values do not matter here, so the initialisation and the position table are skipped
-    with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *a, **k: t), \
-            mock.patch("model.transformer.sinusoid_table", lambda n, d: torch.empty(n, d)):
-        return build(mc)                      # model.arch: the seed Transformer or T5
+    return build(mc, "meta")
 
 
 def model_shapes(mc) -> dict[str, tuple]:

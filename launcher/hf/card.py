@@ -14,12 +14,15 @@ import os
 
 import yaml
 
+from launcher import run_files
+from model import arch_of
+
 CONFIG_FILE = "encdec_config.yaml"
 
 
 def _metrics(run_dir: str, step: int) -> dict[str, dict]:
     """The last "train" and "eval" rows of RUN/metrics.jsonl at or before `step` (empty when absent)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, run_files.METRICS)
     last: dict[str, dict] = {}
     if not os.path.isfile(path):
         return last
@@ -70,13 +73,12 @@ def write_card(out_dir: str, cfg, state: dict, run_dir: str, class_name: str, n_
                config_dict: dict) -> dict:
     """Writes README.md and encdec_config.yaml into out_dir; returns card_data."""
     c = card_data(cfg, state, run_dir, class_name, n_params)
-    m = cfg.model
+    m, arch = cfg.model, arch_of(cfg.model)
+    width = arch.attention_width(m)
     shape = (f"{m.n_encoder_layers}+{m.n_decoder_layers} layers, d_model {m.d_model}, {m.n_heads} heads"
-             + (f" of {m.head_dim}" if m.arch == "t5" and m.head_dim else "") + f", d_ff {m.d_ff}, "
-             f"vocabulary {m.vocab_size} ({m.real_vocab_size} tokens)")
-    kind = ("T5 v1.1 (RMS norm, relative position bias, gated GELU, "
-            + ("tied" if m.tie_embeddings else "untied") + " output head)") if m.arch == "t5" else \
-        f"Transformer ({m.norm}-LN, sinusoidal positions, tied embeddings)"
+             + (f" of {width // m.n_heads}" if width != m.d_model else "") + f", d_ff {m.d_ff}, "
+             f"vocabulary {m.hf_vocab_size} ({m.real_vocab_size} tokens)")
+    kind = arch.describe(m)
     lines = ["---", "library_name: transformers", "pipeline_tag: text2text-generation", "tags: [encdec]", "---", "",
              f"# {cfg.name}", "", f"An encoder-decoder {kind}, trained with encdec and exported as "
              f"`{c['class']}`.", "", "| | |", "|---|---|", f"| architecture | {c['class']}: {shape} |",

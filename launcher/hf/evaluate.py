@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import yaml
 
 from common.atomic import atomic_write
+from common.errors import UserError
 from data.mixture import Component
 from data.sources import resolve_source
 from data.spec import StreamSpec
@@ -78,7 +79,7 @@ def evaluate_folder(model_dir: str, data: str, objective: str | None = None, bat
                 refs += tok.batch_decode([[t for t in b["labels"][i].tolist() if t >= 0] for i in keep],
                                          skip_special_tokens=True)
     if not count:
-        raise ValueError(f"eval: no target tokens in {data}")
+        raise UserError(f"eval: no target tokens in {data}")
     loss = total / count
     res = {"model": os.path.abspath(model_dir), "data": data, "objective": spec.components[0].objective,
            "examples": spec.epoch_positions, "target_tokens": count, "loss": loss, "ppl": math.exp(min(loss, 50))}

@@ -20,24 +20,30 @@ from tqdm import tqdm
 
 from common.atomic import atomic_dir
 from data.tokenizer import save_hf_tokenizer
+from launcher import run_files
 from launcher.checkpoint.format import CheckpointError, read_state, resolve_checkpoint, verify_files
 from launcher.checkpoint.reader import CheckpointReader
 from launcher.config import config_from_dict, config_to_dict
 from launcher.hf.card import write_card
 from launcher.hf.st_writer import StreamingSafetensorsWriter
-from model import count_parameters, hf_adapter_for
+from model import arch_of, count_parameters
 
 
 def _hf_tensors(reader: CheckpointReader, mc):
     """(specs, iterator of (HF name, tensor)) for model.safetensors, one parameter at a time."""
-    adapter = hf_adapter_for(mc)                   # model.arch: Pegasus / Marian, or T5ForConditionalGeneration
-    keys, extra = adapter.hf_key_map(mc), adapter.hf_fixed_tensors(mc)
-    specs = [(keys[n], torch.float32, s) for n, s in reader.shapes.items()]
+    adapter = arch_of(mc).hf                       # the architecture's HF adapter (model/hf_base.py)
+    keys, extra = adapter.key_map(mc), adapter.fixed_tensors(mc)
+    rows, vocab_rows = mc.hf_vocab_size, set(adapter.vocab_rows(mc))   # padded rows cut off (hf_vocab_size)
+
+    def shape(n, s):
+        return (rows, *s[1:]) if n in vocab_rows else tuple(s)
+    specs = [(keys[n], torch.float32, shape(n, s)) for n, s in reader.shapes.items()]
     specs += [(k, torch.float32, tuple(v.shape)) for k, v in extra.items()]
 
     def items():
         for n in reader.names():
-            yield keys[n], reader.get(n)
+            t = reader.get(n)
+            yield keys[n], (t[:rows].contiguous() if n in vocab_rows else t)
         yield from extra.items()
     return specs, items()
 
@@ -69,11 +75,14 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
     reader = CheckpointReader(tag_dir, state)
     with atomic_dir(out) as tmp:
         from transformers import GenerationConfig     # deferred: transformers takes seconds to import
-        adapter = hf_adapter_for(mc)
-        hcfg = adapter.hf_config(mc)
-        hcfg.architectures = [adapter.hf_class_name(mc)]
+        adapter = arch_of(mc).hf
+        try:
+            hcfg = adapter.hf_config(mc)
+        except ValueError as e:                # a setting the transformers class cannot represent
+            raise CheckpointError(f"checkpoint {tag_dir}: {e}") from None
+        hcfg.architectures = [adapter.class_name(mc)]
         hcfg.save_pretrained(tmp)
-        overrides = getattr(adapter, "config_json_overrides", lambda c: {})(mc)
+        overrides = adapter.config_json_overrides(mc)
         if overrides:                          # T5: the head's tying as every transformers version reads it
             path = os.path.join(tmp, "config.json")
             with open(path, encoding="utf-8") as f:
@@ -85,8 +94,8 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
                          max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
         write_hf_weights(reader, os.path.join(tmp, "model.safetensors"), progress=progress)
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
-        write_card(tmp, cfg, state, os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root,
-                   adapter.hf_class_name(mc), count_parameters(mc), config_to_dict(cfg))
+        write_card(tmp, cfg, state, os.path.dirname(root) if os.path.basename(root) == run_files.CHECKPOINTS else root,
+                   adapter.class_name(mc), count_parameters(mc), config_to_dict(cfg))
         with open(os.path.join(tmp, "encdec_source.json"), "w", encoding="utf-8") as f:
             json.dump({"checkpoint": tag_dir, "step": state["step"]}, f)
     return out

@@ -36,6 +36,9 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from common.errors import UserError
+from model import arch_of
+
 ENV_PEAK = "ENCDEC_PEAK_FLOPS"
 
 # Dense (no sparsity) peak FLOP/s per device from the vendors' datasheets. "tf32" is used for
@@ -55,9 +58,9 @@ def forward_macs(model_cfg, src_len: int, tgt_len: int) -> int:
     """Forward multiply-accumulates of ONE sample with these source/target lengths."""
     D, F, V = model_cfg.d_model, model_cfg.d_ff, model_cfg.vocab_size
     S, T = int(src_len), int(tgt_len)
-    t5 = getattr(model_cfg, "arch", "transformer") == "t5"
-    I = model_cfg.n_heads * model_cfg.head_dim if t5 and model_cfg.head_dim else D   # attention width
-    nF = 3 if t5 else 2                                  # t5: gated FFN (wi_0, wi_1, wo)
+    arch = arch_of(model_cfg)
+    I = arch.attention_width(model_cfg)                  # H x head width
+    nF = arch.ffn_matrices                               # 2, or 3 for a gated FFN (T5's wi_0, wi_1, wo)
     enc_layer = S * (4 * D * I + nF * D * F) + 2 * S * S * I
     dec_self = T * 4 * D * I + 2 * T * T * I
     dec_cross = 2 * T * D * I + 2 * S * D * I + 2 * T * S * I
@@ -116,9 +119,9 @@ def peak_flops(device=None, precision: str = "bf16") -> float | None:
         try:
             value = float(env)
         except ValueError:
-            raise ValueError(f"{ENV_PEAK}={env!r} is not a number (FLOP/s per device, e.g. 989e12)") from None
+            raise UserError(f"{ENV_PEAK}={env!r} is not a number (FLOP/s per device, e.g. 989e12)") from None
         if not value > 0:
-            raise ValueError(f"{ENV_PEAK}={env!r} must be > 0")
+            raise UserError(f"{ENV_PEAK}={env!r} must be > 0")
         return value
     kind, name = _device_name(device)
     if kind != "cuda":

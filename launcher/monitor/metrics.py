@@ -41,9 +41,12 @@ import sys
 import time
 from typing import Any
 
+from common.atomic import atomic_write
+from common.errors import UserError
+from launcher import run_files
 from launcher.config import RunConfig, config_to_dict
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = run_files.METRICS
 SAMPLES_FILE = "eval_samples.jsonl"
 RUN_ID_FILE = "wandb_run_id"
 REDACTED = "***"
@@ -102,10 +105,10 @@ def resolve_mode(cfg_mode: str, environ=None) -> str:
     env = environ.get("WANDB_MODE", "").strip().lower()
     if env:
         if env not in _MODES:
-            raise ValueError(f"WANDB_MODE={env!r} is not one of online, offline, disabled")
+            raise UserError(f"WANDB_MODE={env!r} is not one of online, offline, disabled")
         return _MODES[env]
     if cfg_mode not in _MODES:
-        raise ValueError(f"config key 'wandb.mode': must be online, offline or disabled, got {cfg_mode!r}")
+        raise UserError(f"config key 'wandb.mode': must be online, offline or disabled, got {cfg_mode!r}")
     return _MODES[cfg_mode]
 
 
@@ -116,14 +119,11 @@ def run_id(run_dir: str) -> str:
         with open(path, encoding="utf-8") as f:
             rid = f.read().strip()
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", rid):
-            raise ValueError(f"{path}: not a valid wandb run id: {rid[:80]!r}")
+            raise UserError(f"{path}: not a valid wandb run id: {rid[:80]!r}")
         return rid
     alphabet = string.ascii_lowercase + string.digits
     rid = "".join(secrets.choice(alphabet) for _ in range(8))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(rid + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, rid + "\n")
     return rid
 
 

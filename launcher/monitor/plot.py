@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 
+from common.atomic import atomic_path
+from common.errors import UserError
 from launcher.monitor.metrics import METRICS_FILE
 
 PLOTS_DIR = "plots"
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """A missing or unreadable run folder / metrics file; the message is one line."""
 
 
@@ -63,13 +65,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _save(fig, path: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

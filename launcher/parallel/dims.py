@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from launcher.config import ConfigError, RunConfig
-from model.transformer import ModelConfig
+from model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class ParallelDims:
         tp_ranks = self.tp_group_ranks()[rank // self.tp]
         dp_ranks = self.dp_group_ranks()[rank % self.tp]
         tp_group = dp_group = None
+        control = None
+        if dist.is_initialized():
+            # host-side agreements (stop requests) on CPU tensors: with NCCL a gloo group of every rank
+            control = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else dist.group.WORLD
         if self.tp > 1:
             if not dist.is_initialized():
                 raise RuntimeError("ParallelDims.build: tp > 1 needs torch.distributed to be initialised first")
@@ -80,7 +85,8 @@ class ParallelDims:
         elif dist.is_initialized():
             dp_group = dist.group.WORLD
         return Mesh(dims=self, rank=rank, tp_rank=rank % self.tp, dp_rank=rank // self.tp,
-                    tp_ranks=tuple(tp_ranks), dp_ranks=tuple(dp_ranks), tp_group=tp_group, dp_group=dp_group)
+                    tp_ranks=tuple(tp_ranks), dp_ranks=tuple(dp_ranks), tp_group=tp_group, dp_group=dp_group,
+                    control_group=control)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,16 @@ class Mesh:
     dp_ranks: tuple = ()
     tp_group: Any = None
     dp_group: Any = None
+    control_group: Any = None     # every rank, on the host (gloo): agreements that must not wait on a device
+
+    def any_rank(self, flag: bool) -> bool:
+        """Collective over every rank, on the host: True if any rank passes True. A CPU tensor through
+        gloo, read with numpy: the device's queue is not waited for."""
+        if self.control_group is None:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(t.numpy()[0] > 0)
 
     @property
     def tp(self) -> int:
@@ -169,19 +185,13 @@ def check_model_for_tp(m: ModelConfig, tp: int) -> None:
                           f"vocab_multiple={m.vocab_multiple}: make vocab_multiple a multiple of {tp})")
 
 
-def check_supported(tp: int, zero_stage: int, precision: str = "fp32") -> None:
-    """Refuses the TP x ZeRO x precision combinations whose gradient norm DeepSpeed 0.19 gets wrong.
-
-    Proven against a single-process reference (tests/test_tp_deepspeed.py): fp32 with ZeRO 0-3,
-    bf16 with ZeRO 1-3. With bf16 and ZeRO 0, DeepSpeed wraps the optimizer in its unfused
-    low-precision optimizer, which tests the TP marker on the gradient tensors instead of the
-    parameters, so TP ranks > 0 drop their sharded gradients from the clipping norm.
-    """
+def check_supported(tp: int, zero_stage: int) -> None:
+    """Refuses the TP x ZeRO combinations DeepSpeed cannot run. DeepSpeed always runs in fp32 here
+    (bf16 is autocast inside its forward, launcher/precision.py), where every stage works with TP:
+    proven against a single-process reference in tests/test_tp_deepspeed.py (its own bf16 mode
+    is not used: at ZeRO 0 its optimizer drops TP ranks' sharded gradients from the clipping norm)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'parallel.zero_stage': must be 0-3, got {zero_stage}")
-    if tp > 1 and zero_stage == 0 and precision != "fp32":
-        raise ConfigError(f"config key 'parallel.zero_stage': 0 with parallel.tp={tp} and train.precision={precision} "
-                          f"computes a wrong gradient-clipping norm in DeepSpeed; use parallel.zero_stage >= 1")
 
 
 def validate_layout(cfg: RunConfig, world_size: int, ranks_per_node: int = 0) -> ParallelDims:
@@ -195,7 +205,7 @@ def validate_layout(cfg: RunConfig, world_size: int, ranks_per_node: int = 0) ->
     """
     p, t = cfg.parallel, cfg.train
     dims = ParallelDims.from_world(p.tp, world_size, ranks_per_node)
-    check_supported(p.tp, p.zero_stage, "fp32")          # DeepSpeed runs fp32; bf16 is torch.autocast
+    check_supported(p.tp, p.zero_stage)
     check_model_for_tp(cfg.model, p.tp)
     per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size % per_step:

@@ -1,26 +1,29 @@
-"""parallelize(model, mesh): tensor parallelism applied to the Transformer from outside.
+"""parallelize(model, mesh): tensor parallelism applied to any registered architecture from outside.
 
-The plan (Megatron's split of a Transformer layer, heads and FFN columns across TP ranks):
+The plan is data each architecture declares (model/arch.py TPPlan): Megatron's split of a layer,
+heads and FFN columns across TP ranks.
 
-    Attention    q, k, v -> ColumnParallelLinear   (this rank's heads; Attention reads the local
-                 o       -> RowParallelLinear       head count from q.out_features)
-    FeedForward  fc1     -> ColumnParallelLinear
-                 fc2     -> RowParallelLinear
-    embed        -> VocabParallelEmbedding; the tied output projection F.linear(h, embed.weight)
-                    then yields this rank's vocabulary columns, and logits_bias is sliced to match
-    criterion    -> VocabParallelLinearCrossEntropy (chunked over tokens from the hidden states;
-                    never gathers, nor holds at once, the full-vocabulary logits)
+    sharded blocks   column children (q, k, v; fc1 / wi_0, wi_1) -> ColumnParallelLinear (this rank's
+                     heads or hidden columns; attention reads its local head count from q.out_features),
+                     row children (o; fc2 / wo) -> RowParallelLinear, head tables (T5's relative
+                     attention bias) -> this rank's head columns
+    embedding        -> VocabParallelEmbedding; a tied output projection F.linear(h, embed.weight)
+                        then yields this rank's vocabulary rows, and (V,) vocabulary buffers
+                        (the seed model's logits_bias) are sliced to match
+    vocab heads      an untied output projection (T5's lm_head) -> ColumnParallelLinear over the vocabulary
+    criterion        -> VocabParallelLinearCrossEntropy (chunked over tokens from the hidden states;
+                        never gathers, nor holds at once, the full-vocabulary logits)
 
 Where replicated activations enter sharded weights, their gradient must be summed over the TP
 group (copy_to_tp). That happens once per consumer group, not once per linear layer:
-  - each Attention's query input (and its key/value input when it is the same tensor);
+  - each sharded block's replicated inputs (attention: x, and kv when it is not x; FFN: x);
   - the encoder output (memory), once for the key/value projections of every cross-attention;
-  - the decoder output h, before the tied output projection;
-  - the FFN input, inside fc1.
+  - the decoder output h, before the output projection.
 Per layer this is the Megatron count: one all-reduce forward per row-parallel output, one
 backward per sharded input group. With tp == 1 nothing is replaced and no collective is issued.
-An Attention with attention dropout > 0 runs on a private RNG stream of its TP rank (rng.py), so
-the heads of different ranks get independent masks while replicated activations keep identical ones.
+A block with dropout inside its sharded region (attention probabilities, a gated FFN's hidden
+columns) runs on a private RNG stream of its TP rank (rng.py), so the heads of different ranks get
+independent masks while replicated activations keep identical ones.
 """
 from __future__ import annotations
 
@@ -32,22 +35,14 @@ from torch.utils.checkpoint import checkpoint
 
 from launcher.parallel.dims import Mesh
 from launcher.parallel.rng import tp_local_rng
-from launcher.parallel import plan_t5
-from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_output_hook,
-                                  copy_to_tp, shard_attention, vocab_parallel_criterion)
-from model.transformer import Attention, FeedForward, Transformer
+from launcher.parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _shard,
+                                  copy_output_hook, copy_to_tp, mark_tp_param, vocab_parallel_criterion)
+from model import arch_of
+from model.arch import ShardedBlock, TPPlan
 
 
-def _is_t5(model: nn.Module) -> bool:
-    """model.arch=t5 has its own plan (plan_t5.py); the rest of this file is the Transformer's."""
-    return getattr(getattr(model, "config", None), "arch", "transformer") == "t5"
-
-
-# (module class, child linear, partition dim of its weight, is its bias sharded)
-_PLAN = [
-    (Attention, "q", 0, True), (Attention, "k", 0, True), (Attention, "v", 0, True), (Attention, "o", 1, False),
-    (FeedForward, "fc1", 0, True), (FeedForward, "fc2", 1, False),
-]
+def plan_of(model: nn.Module) -> TPPlan:
+    return arch_of(model.config).tp_plan
 
 
 def shard_dims(model: nn.Module) -> dict[str, int]:
@@ -55,59 +50,80 @@ def shard_dims(model: nn.Module) -> dict[str, int]:
 
     The same for the unsharded and the parallelized model (the module paths do not change).
     """
-    if _is_t5(model):
-        return plan_t5.shard_dims(model)
-    dims = {"embed.weight": 0}
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for cls, child, dim, bias_sharded in _PLAN:
-            if isinstance(m, cls):
-                dims[f"{prefix}{child}.weight"] = dim
-                if bias_sharded:
-                    dims[f"{prefix}{child}.bias"] = 0
-    return dims
+    return plan_of(model).shard_dims(model)
 
 
 # ----------------------------------------------------------------------------- applying the plan
 
-def _attention_input_hook(group, copy_kv: bool):
-    """Copies x (and kv, unless it was copied upstream) into the TP region once for q, k and v."""
-    sig = inspect.signature(Attention.forward)
+def _copy_inputs_hook(module: nn.Module, n_inputs: int, copy_kv: bool, group):
+    """Copies the block's replicated inputs (its first n_inputs arguments) into the TP region once for
+    all its column children; kv is reused when it is x, left alone when copied upstream."""
+    sig = inspect.signature(module.forward)             # bound: no self
+    params = list(sig.parameters)[:n_inputs]
 
-    def hook(module, args, kwargs):
-        b = sig.bind(module, *args, **kwargs)
-        x, kv = b.arguments["x"], b.arguments["kv"]
+    def hook(mod, args, kwargs):
+        b = sig.bind(*args, **kwargs)
+        x = b.arguments[params[0]]
         cx = copy_to_tp(x, group)
-        b.arguments["kv"] = cx if kv is x else (copy_to_tp(kv, group) if copy_kv else kv)
-        b.arguments["x"] = cx
-        return b.args[1:], b.kwargs
+        b.arguments[params[0]] = cx
+        if n_inputs > 1:
+            kv = b.arguments[params[1]]
+            b.arguments[params[1]] = cx if kv is x else (copy_to_tp(kv, group) if copy_kv else kv)
+        return b.args, b.kwargs
     return hook
 
 
-def _apply_tp(model: Transformer, group) -> None:
-    if isinstance(model.embed, VocabParallelEmbedding):
+def _shard_table(emb: nn.Embedding, group) -> nn.Embedding:
+    """An embedding whose columns are heads (T5's relative attention bias): this rank's columns."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    out = nn.Embedding(emb.num_embeddings, emb.embedding_dim // world)
+    out.weight = mark_tp_param(nn.Parameter(_shard(emb.weight, 1, rank, world, "head table"),
+                                            emb.weight.requires_grad), 1)
+    return out
+
+
+def _dropout_p(m: nn.Module, attr: str) -> float:
+    d = getattr(m, attr, 0.0) if attr else 0.0
+    return d.p if isinstance(d, nn.Dropout) else float(d)
+
+
+def _shard_block(m: nn.Module, name: str, blk: ShardedBlock, group) -> None:
+    for c in blk.columns:
+        setattr(m, c, ColumnParallelLinear(getattr(m, c), group, copy_input=False))
+    for c in blk.rows:
+        setattr(m, c, RowParallelLinear(getattr(m, c), group))
+    for c in blk.head_tables:
+        if hasattr(m, c):
+            setattr(m, c, _shard_table(getattr(m, c), group))
+    copy_kv = not name.endswith(blk.kv_copied_upstream) if blk.kv_copied_upstream else True
+    m.register_forward_pre_hook(_copy_inputs_hook(m, blk.inputs, copy_kv, group), with_kwargs=True)
+    if _dropout_p(m, blk.dropout) > 0:                 # dropout on this rank's shard: masks of its own
+        tp_local_rng(m, group)
+
+
+def _apply_tp(model: nn.Module, plan: TPPlan, group) -> None:
+    emb = getattr(model, plan.embedding)
+    if isinstance(emb, VocabParallelEmbedding):
         raise ValueError("parallelize: the model is already tensor-parallel")
     for name, m in list(model.named_modules()):
-        if isinstance(m, Attention):
-            shard_attention(m, group)
-            # cross-attention keys/values read the encoder output, copied once below
-            m.register_forward_pre_hook(_attention_input_hook(group, copy_kv=not name.endswith("cross_attn")),
-                                        with_kwargs=True)
-            if m.dropout > 0:                           # dropout on this rank's heads: masks of its own
-                tp_local_rng(m, group)
-        elif isinstance(m, FeedForward):
-            m.fc1 = ColumnParallelLinear(m.fc1, group)
-            m.fc2 = RowParallelLinear(m.fc2, group)
-    emb = VocabParallelEmbedding(model.embed, group)
-    model.embed = emb
+        for blk in plan.blocks:
+            if isinstance(m, blk.cls):
+                _shard_block(m, name, blk, group)
+    emb = VocabParallelEmbedding(emb, group)
+    setattr(model, plan.embedding, emb)
     lo, hi = emb.vocab_start, emb.vocab_start + emb.num_embeddings
-    model.logits_bias = model.logits_bias[lo:hi].clone()          # stays a non-persistent buffer
-    model.encoder_norm.register_forward_hook(copy_output_hook(group))   # memory -> cross-attn k/v
-    model.decoder_norm.register_forward_hook(copy_output_hook(group))   # h -> tied output projection
+    for b in plan.vocab_buffers:                       # stays a non-persistent buffer
+        setattr(model, b, getattr(model, b)[lo:hi].clone())
+    for h in plan.vocab_heads:
+        if getattr(model, h, None) is not None:
+            setattr(model, h, ColumnParallelLinear(getattr(model, h), group, copy_input=False))
+    for o in plan.copied_outputs:                      # memory -> cross-attention k/v; h -> output projection
+        getattr(model, o).register_forward_hook(copy_output_hook(group))
     model.criterion = vocab_parallel_criterion(model.criterion, emb, group)
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
+def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recomputes each encoder/decoder layer in backward (non-reentrant torch.utils.checkpoint).
 
     The layer's forward is wrapped in place, so parameter names and state-dict keys do not change.
@@ -122,7 +138,7 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         layer._activation_checkpointing = True
 
 
-def compile_layers(model: Transformer) -> None:
+def compile_layers(model: nn.Module) -> None:
     """torch.compile of each encoder/decoder layer's forward, in place (names and keys unchanged).
 
     The layer module itself stays eager, so hooks on it (DeepSpeed ZeRO-3's parameter gathering,
@@ -135,13 +151,13 @@ def compile_layers(model: Transformer) -> None:
             layer._compiled = True
 
 
-def parallelize(model: Transformer, mesh: Mesh, activation_checkpointing: bool = False,
-                compile: bool = False) -> Transformer:
+def parallelize(model: nn.Module, mesh: Mesh, activation_checkpointing: bool = False,
+                compile: bool = False) -> nn.Module:
     """Applies the TP plan (tp > 1), optional torch.compile of the layers and activation
     checkpointing, in place; returns the model.
     The layout was checked once, before any process group (dims.validate_layout)."""
     if mesh.tp > 1:
-        (plan_t5.apply_tp if _is_t5(model) else _apply_tp)(model, mesh.tp_group)
+        _apply_tp(model, plan_of(model), mesh.tp_group)
     if compile:
         compile_layers(model)
     if activation_checkpointing:

@@ -16,18 +16,10 @@ bucket: the reduce buffer, min(comm.reduce_bucket_size, P_l) elements; gathered:
 working set, max(largest layer, prefetch bucket) capped by the partitioned parameters. `mixed=True` gives DeepSpeed's own bf16/fp16 accounting instead (2-byte weights
 and gradients + fp32 master, gradient and moments), the one its estimators use.
 
-Activations saved for backward per micro-batch (tokens: B S source, B T target; D, F, H; a =
-bytes of matmul operands (4 fp32, 2 bf16 autocast); r = 4, the fp32 residual stream and
-LayerNorm inputs; flash/efficient SDPA, so no S x S matrix; dropout masks 1 byte):
-
-    encoder layer, per token   2 r D (LN inputs) + 2 a D (LN outputs into linears)
-                               + a (3 D + D + D) / tp (q|k|v, attention output, its copy) + a F / tp
-                               + 2 D (dropout masks) + 4 H / tp (log-sum-exp)
-    decoder layer, per token   3 r D + 3 a D + a (3 D + 3 D + D) / tp + a F / tp + 3 D + 8 H / tp
-                  per source   2 a D / tp (cross-attention k|v)
-    + fused-projection weight copies per layer (q|k|v and k|v concatenations, saved in fp32 runs;
-      bf16 casts of every weight under autocast), embeddings' dropout masks, final norms.
-With activation checkpointing only each layer's input is kept, plus one layer recomputed.
+Activations saved for backward per micro-batch: each architecture's own terms (the
+activation_terms of its model file, e.g. model/transformer.py, model/t5.py), one encoder layer,
+one decoder layer and the rest; with activation checkpointing only each layer's input is kept,
+plus one layer recomputed.
 
 The loss (model/loss.py) holds per token a few floats and, per chunk of tokens, (chunk, V/tp)
 fp32 logits (kept for backward when one chunk holds every token) plus the fp32 gradient of the
@@ -52,13 +44,10 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-import torch
-
 from launcher.monitor import flops
 from launcher.parallel.plan import shard_dims
-from model import build
+from model import arch_of, build, make_config
 from model.loss import chunk_tokens
-from model.transformer import ModelConfig
 
 GIB = 2 ** 30
 
@@ -90,9 +79,8 @@ def param_counts(c, tp: int, persistence_threshold: int = 100_000) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _param_counts(key, tp: int, persistence_threshold: int) -> dict:
-    c = ModelConfig(**dict(key))
-    with torch.device("meta"):
-        m = build(c)                                   # model.arch: transformer or t5
+    c = make_config(**dict(key))
+    m = build(c, "meta")
     dims = shard_dims(m)
     total = local = persistent = 0
     for k, p in m.named_parameters():
@@ -139,57 +127,9 @@ def model_states(c, lay: Layout, comm=None, mixed: bool = False) -> dict:
             "optimizer": 16 * P / N}
 
 
-def _attn_weights(c, tp, bf16):
-    """Weight copies saved per (encoder, decoder) layer: fused concatenations (fp32) or all bf16 casts."""
-    D, F = c.d_model, c.d_ff
-    if bf16:   # autocast keeps a bf16 copy of every weight it casts (and of the concatenations)
-        return 2 * (5 * D * D + 2 * D * F) / tp, 2 * (3 * D * D + D * D + D * D + 2 * D * D + D * D + 2 * D * F) / tp
-    return 4 * 3 * D * D / tp, 4 * (3 + 2) * D * D / tp
-
-
-def _t5_layers(c, lay: Layout, S: int, T: int, bf16: bool) -> tuple[float, float, float]:
-    """model.arch=t5: (encoder layer, decoder layer, per-stack fixed) activation bytes. As the
-    seed model's, with: RMS norms (input, normalised x, output), inner width I = H Dk, the gated
-    FFN (wi_0, gelu, wi_1, product and its dropout mask: 4 F), attention dropout at model.dropout
-    (the math kernel keeps scores, probabilities, mask and dropped probabilities), and the position bias of
-    each stack (1, H, L, L) fp32 with its masked copy, shared by the stack's layers."""
-    D, F, H, tp, B = c.d_model, c.d_ff, c.n_heads, lay.tp, lay.micro
-    inner = H * (c.head_dim or D // H)
-    a, r = (2 if bf16 else 4), 4
-    drop = 1 if c.dropout > 0 else 0
-    norm = 2 * r * D + a * D
-    ffn = (4 * a * F + drop * F) / tp
-    enc_tok = 2 * norm + a * 4 * inner / tp + ffn + 2 * drop * D + 4 * H / tp
-    dec_tok = 3 * norm + a * 6 * inner / tp + ffn + 3 * drop * D + 8 * H / tp
-    dec_src = 2 * a * inner / tp
-    enc_layer = B * S * enc_tok
-    dec_layer = B * T * dec_tok + B * S * dec_src
-    if drop:
-        enc_layer += B * H / tp * S * S * (3 * a + 1)
-        dec_layer += B * H / tp * (T * T + T * S) * (3 * a + 1)
-    bias = 2 * 4 * H / tp * (S * S + T * T)
-    fixed = bias + 2 * drop * B * (S + T) * D + (norm + drop * D) * B * (S + T)   # masks, final norms
-    return enc_layer, dec_layer, fixed
-
-
 def activations(c, lay: Layout, S: int, T: int, bf16: bool) -> dict:
     """Activation bytes saved for backward per rank (one micro-batch), and one layer's worth."""
-    if c.arch == "t5":
-        enc_layer, dec_layer, fixed = _t5_layers(c, lay, S, T, bf16)
-        return _stacks(c, lay, S, T, enc_layer, dec_layer, fixed)
-    D, F, H, tp, B = c.d_model, c.d_ff, c.n_heads, lay.tp, lay.micro
-    a, r = (2 if bf16 else 4), 4
-    drop = 1 if c.dropout > 0 else 0
-    enc_tok = 2 * r * D + 2 * a * D + a * 5 * D / tp + a * F / tp + 2 * drop * D + 4 * H / tp + 8
-    dec_tok = 3 * r * D + 3 * a * D + a * 7 * D / tp + a * F / tp + 3 * drop * D + 8 * H / tp + 12
-    dec_src = 2 * a * D / tp + (a * D if bf16 else 0)          # k|v of the memory (+ its bf16 cast per layer)
-    w_enc, w_dec = _attn_weights(c, tp, bf16)
-    enc_layer = B * S * enc_tok + w_enc
-    dec_layer = B * T * dec_tok + B * S * dec_src + w_dec
-    if c.attention_dropout > 0:                                # math attention: probabilities + mask kept
-        enc_layer += B * H / tp * S * S * (a + 1)
-        dec_layer += B * H / tp * (T * T + T * S) * (a + 1)
-    fixed = drop * B * (S + T) * D + 2 * r * B * S * D + r * B * T * D      # embedding masks, final norms
+    enc_layer, dec_layer, fixed = arch_of(c).activation_terms(c, lay.micro, S, T, lay.tp, bf16)
     return _stacks(c, lay, S, T, enc_layer, dec_layer, fixed)
 
 

@@ -35,7 +35,7 @@ def candidate_layouts(cfg: RunConfig, world: int, gpus_per_node: int):
         dp = world // tp
         for zero in (0, 1, 2, 3):
             try:
-                check_supported(tp, zero, "fp32")
+                check_supported(tp, zero)
             except ConfigError:
                 continue
             micro = 1

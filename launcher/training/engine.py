@@ -3,7 +3,7 @@
     init_distributed(env)     NCCL on GPUs, gloo on CPU; returns the device string
     build_model(cfg)          the model of cfg.model (vocabulary sizes already filled by inputs.py)
     build_optimizer(...)      AdamW (no decay on biases, norms, embeddings) + the LR schedule
-    ds_config(cfg, accum)     DeepSpeed's config: fp32 master weights and gradients, ZeRO stage, comm.*
+    ds_config(cfg, accum)     DeepSpeed's config: fp32 engine (bf16 autocast in its forward), ZeRO stage, comm.*
     build_engine(...)         all of the above + the TP plan -> (engine, scheduler)
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from launcher.config import RunConfig
 from launcher.dist_env import DistEnv
+from launcher.precision import precision_of
 from launcher.parallel.dims import Mesh
 from launcher.parallel.plan import parallelize
 from launcher.training.schedule import lr_multiplier
 from model import build
-from model.transformer import Transformer
 
 
 def init_distributed(env: DistEnv, timeout_s: int) -> str:
@@ -37,8 +37,8 @@ def init_distributed(env: DistEnv, timeout_s: int) -> str:
     return device
 
 
-def build_model(cfg: RunConfig) -> Transformer:
-    model = build(cfg.model)                          # model.arch: the seed Transformer or T5
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    model = build(cfg.model)                          # the architecture of model.arch (model/registry.py)
     model.criterion.label_smoothing = cfg.train.label_smoothing
     return model
 
@@ -59,7 +59,8 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: str):
 
 
 def ds_config(cfg: RunConfig, accum: int, n_params: int | None = None) -> dict:
-    """DeepSpeed runs in fp32 (master weights and gradients); bf16 comes from torch.autocast.
+    """DeepSpeed runs in fp32 (master weights, gradients, their reduction); train.precision=bf16 adds
+    its torch_autocast section, so the engine runs its forward under bf16 autocast (launcher/precision.py).
 
     Communication settings from cfg.comm. n_params (this rank's parameter count): buckets are
     capped to it, since a bucket larger than the model only reserves memory (ZeRO 1/2 allocate
@@ -85,7 +86,11 @@ def ds_config(cfg: RunConfig, accum: int, n_params: int | None = None) -> dict:
         "zero_optimization": zero,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # its throughput timer synchronizes the device twice per step (when no dataloader is passed
+        # to it); the trainer measures its own throughput
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "zero_allow_untested_optimizer": True,
+        **precision_of(cfg).deepspeed_config(),
     }
 
 
@@ -114,17 +119,19 @@ def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
     return engine, scheduler
 
 
-def autocast(device: str, precision: str):
-    """bf16 autocast over fp32 master weights (GPU and CPU), or nothing for fp32."""
-    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+def host_to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory, asynchronously: a copy from pageable
+    memory would make the host wait for the whole stream first (a hidden synchronisation)."""
+    if t.device.type == "cpu" and device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def to_device(batch: dict, device: str) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (host_to_device(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def all_reduce(t: torch.Tensor, device: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    t = t.to(device)
+    t = host_to_device(t, device)
     dist.all_reduce(t, op=op, group=group)
     return t

@@ -19,7 +19,7 @@ from data.stream import DataStream, steps_in_epoch
 from launcher.config import RunConfig
 from launcher.monitor.scores import score
 from launcher.parallel.dims import Mesh
-from launcher.training.engine import all_reduce, autocast, to_device
+from launcher.training.engine import all_reduce, to_device
 from model.generate import greedy
 
 
@@ -39,10 +39,9 @@ def evaluate(engine, stream: DataStream, cfg: RunConfig, mesh: Mesh, device: str
             unpadded = bool(host["src_mask"].all())      # as in training: no padding, no attention mask
             b = to_device(host, device)
             first = first or b
-            with autocast(device, cfg.train.precision):
-                segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
-                loss, cnt = engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"],
-                                   **segments)
+            segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
+            # the engine's forward runs in train.precision (its torch_autocast section, launcher/precision.py)
+            loss, cnt = engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"], **segments)
             loss_sum += loss.detach().double()
             count += cnt.double()
         tot = all_reduce(torch.stack([loss_sum, count]), device, mesh.dp_group)
@@ -64,8 +63,7 @@ def _generation_scores(engine, batch: dict, n: int, cfg: RunConfig, mesh: Mesh, 
     src, mask, labels = batch["src"][:n], batch["src_mask"][:n], batch["labels"][:n]
 
     def forward(s, m, y):
-        with autocast(device, cfg.train.precision):
-            return engine(s, m, y)
+        return engine(s, m, y)
     # the same number of steps on every rank (lockstep: ZeRO-3 gathers inside each forward)
     ys = greedy(engine.module, src, mask, max_new_tokens=cfg.data.max_tgt_len, forward=forward, stop_early=False)
     tok = Tokenizer.from_file(tokenizer_path)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 
+from common.errors import UserError
 
-class Diverged(ValueError):
+
+class Diverged(UserError):
     """Too many consecutive skipped steps (the CLI prints it as one `encdec: error:` line)."""
 
 

@@ -19,7 +19,7 @@ from data.spec import StreamSpec
 from data.ul2 import mode_ids, parse_table
 from data.tokenizer import load_tokenizer, sentinel_ids
 from launcher.config import ConfigError, RunConfig
-from model.transformer import ModelConfig, padded_vocab
+from model import ModelConfig, padded_vocab
 
 
 @dataclass

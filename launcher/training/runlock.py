@@ -18,10 +18,13 @@ import socket
 import subprocess
 import time
 
-LOCK_FILE = "run.lock"
+from common.errors import UserError
+from launcher import run_files
+
+LOCK_FILE = run_files.LOCK
 
 
-class RunBusy(ValueError):
+class RunBusy(UserError):
     """The run folder is owned by another live run (printed as one `encdec: error:` line)."""
 
 
