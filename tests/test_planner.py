@@ -2,8 +2,10 @@
 the bytes of every collective, measured per rank on 2 CPU ranks (gloo) for several layouts.
 
 Memory is measured with launcher/planner/measure.PeakMemory (live tensor storage bytes):
-  total        from the trainer engine's construction to the end of its second step
-               (Trainer.train_step on a build_engine engine), vs params+grads+optimizer+activations+loss
+  total        from the trainer engine's construction to the end of its second step (the trainer's
+               TrainStep on a build_engine engine), vs the planner's peak (peak_bytes: held states
+               + the larger of activations+loss and the step's transient gradients), on 2 ranks and,
+               for ZeRO 0-3, on one (where DeepSpeed's partitions are the whole model)
   activations  one forward + backward of the parallelized model above its resting memory
                (weights and gradients allocated), vs activations + loss buffer (+ the fresh weight
                gradients autograd makes before adding them to the existing ones)
@@ -32,7 +34,8 @@ LAYOUTS = [
 
 
 def _predict(overrides, world=2):
-    from launcher.planner.model import Layout, activations, comm_bytes, loss_buffer, model_states, param_counts
+    from launcher.planner.model import (Layout, activations, comm_bytes, loss_buffer, model_states, param_counts,
+                                        peak_bytes)
     cfg = plan_config(overrides, world)
     p = cfg.parallel
     lay = Layout(p.tp, world // p.tp, p.zero_stage, cfg.train.micro_batch_size, p.activation_checkpointing)
@@ -42,7 +45,7 @@ def _predict(overrides, world=2):
     # the activation measurement accumulates into existing gradients: autograd's fresh weight
     # gradients (4 bytes per local parameter) exist next to them until added in
     fresh = 4 * param_counts(cfg.model, p.tp)["local"]
-    return {"total": sum(states.values()) + act, "activations": act + fresh,
+    return {"total": peak_bytes(states, act), "activations": act + fresh,
             "comm": comm_bytes(cfg.model, lay, S, T, bf16=False)["total"]}
 
 
@@ -68,6 +71,29 @@ def _worker(rank, world, layouts):
 @pytest.mark.slow
 def test_planner_matches_measured_memory_and_collectives():
     spawn(_worker, 2, LAYOUTS)
+
+
+# one rank, buckets far below the model (as at scale): the model states dominate a micro-batch of 1 x 4/4
+ONE_RANK = ("comm.reduce_bucket_size=2000", "comm.stage3_prefetch_bucket_size=2000",
+            "comm.stage3_param_persistence_threshold=100")
+SMALL = ("train.micro_batch_size=1", "data.max_src_len=4", "data.max_tgt_len=4")
+
+
+def _one_rank(rank, world):
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    for z in (0, 1, 2, 3):
+        for batch in (SMALL, ()):
+            lay = (f"parallel.zero_stage={z}", *ONE_RANK, *batch)
+            got, want = measure(rank, world, lay)["peak"], _predict(lay, world)["total"]
+            print(f"planner vs measured, one rank: zero {z} {'1x4/4' if batch else '8x48/24'}: "
+                  f"{want:.0f} / {got} ({want / got:.3f})", flush=True)
+            assert abs(want / got - 1) < 0.10, (lay, want, got)
+
+
+@pytest.mark.slow
+def test_planner_memory_at_one_rank_zero_0_to_3():
+    spawn(_one_rank, 1)
 
 
 @pytest.mark.parametrize("config", ["configs/1b.yaml", "configs/3b.yaml", "configs/transformer-base.yaml"])

@@ -2,19 +2,25 @@
 
 Per rank, for a layout (tp, dp, ZeRO stage, micro-batch B, activation checkpointing), with
 P_l = this rank's parameters after the TP split (sharded tensors / tp, replicated ones whole)
-and N = dp. The engine is DeepSpeed in fp32 (master weights and gradients, bf16 from autocast),
-as the trainer runs it; bytes per parameter:
+and N = dp. The engine is DeepSpeed in fp32 (master weights and gradients, bf16 from autocast,
+launcher/precision.py), as the trainer runs it; bytes per parameter, held across steps / only
+while a step computes its gradients (measured with live tensor bytes, tests/test_planner.py):
 
-              params        grads                          optimizer (Adam m, v; ZeRO's fp32 copy + its grad)
-    ZeRO 0    4 P_l         4 P_l                          8 P_l
-    ZeRO 1    4 P_l         4 P_l / N + bucket             (4 + 4 + 8) P_l / N      (4 P_l grads without overlap_comm)
-    ZeRO 2    4 P_l         4 P_l / N + bucket             (4 + 4 + 8) P_l / N
-    ZeRO 3    4 P_l / N     4 P_l / N + bucket             (4 + 4 + 8) P_l / N      (+ persistent small
-              + gathered                                                            parameters whole)
+              params        optimizer (ZeRO: fp32 copy, Adam m, v)   grads held  grads during a step
+    ZeRO 0    4 P_l         8 P_l                                    -           4 P_l
+    ZeRO 1, 2 4 P_l         (4 + 8) P_l / N                          bucket      4 P_l + 4 P_l / N
+    ZeRO 3    4 P_l / N     (4 + 8) P_l / N                          4 P_l / N   4 P_l + gathered
+                                                                     + bucket
+              (+ persistent small parameters whole)
+    and at N = 1 (ZeRO 1-3) 4 P_l more during the step: DeepSpeed's flat copy of a whole-model
+    gradient partition next to the reduced one.
 
 bucket: the reduce buffer, min(comm.reduce_bucket_size, P_l) elements; gathered: ZeRO-3's
-working set, max(largest layer, prefetch bucket) capped by the partitioned parameters. `mixed=True` gives DeepSpeed's own bf16/fp16 accounting instead (2-byte weights
-and gradients + fp32 master, gradient and moments), the one its estimators use.
+working set, max(largest layer, prefetch bucket) capped by the partitioned parameters. The
+gradients of a step appear in backward while the activations are freed, so the peak is the
+held states plus the larger of the two (peak_bytes), not their sum. `mixed=True` gives
+DeepSpeed's own bf16/fp16 accounting instead (2-byte weights and gradients + fp32 master,
+gradient and moments), the one its estimators use.
 
 Activations saved for backward per micro-batch: each architecture's own terms (the
 activation_terms of its model file, e.g. model/transformer.py, model/t5.py), one encoder layer,
@@ -97,7 +103,8 @@ def _param_counts(key, tp: int, persistence_threshold: int) -> dict:
 
 
 def model_states(c, lay: Layout, comm=None, mixed: bool = False) -> dict:
-    """Per-rank bytes of parameters, gradients and optimizer state (see the module docstring)."""
+    """Per-rank bytes of parameters, gradients (at their peak) and optimizer state, and "transient":
+    the part of the gradients that exists only while a step computes them (see the module docstring)."""
     thr = getattr(comm, "stage3_param_persistence_threshold", 100_000)
     pc = param_counts(c, lay.tp, thr)
     P, N, z = pc["local"], lay.dp, lay.zero
@@ -114,17 +121,25 @@ def model_states(c, lay: Layout, comm=None, mixed: bool = False) -> dict:
         return {"params": 2 * P / N + 2 * L, "grads": 2 * L, "optimizer": 16 * P / N}
     bucket = min(getattr(comm, "reduce_bucket_size", 200_000_000), P)   # one bucket live at a time (measured)
     if z == 0:
-        return {"params": 4 * P, "grads": 4 * P, "optimizer": 8 * P}
-    if z == 1 and not getattr(comm, "overlap_comm", True):    # full gradients until the boundary
-        return {"params": 4 * P, "grads": 4 * P + 4 * bucket, "optimizer": 16 * P / N}
-    if z in (1, 2):      # with overlap_comm DeepSpeed reduces ZeRO-1 gradients in backward too (measured)
-        return {"params": 4 * P, "grads": 4 * P / N + 4 * bucket, "optimizer": 16 * P / N}
+        return {"params": 4 * P, "grads": 4 * P, "optimizer": 8 * P, "transient": 4 * P}
+    one_rank = 4 * P if N == 1 else 0
+    if z in (1, 2):
+        t = 4 * P + 4 * P / N + one_rank
+        return {"params": 4 * P, "grads": 4 * bucket + t, "optimizer": 12 * P / N, "transient": t}
     part = P - pc["persistent"]
     # gathered weights: DeepSpeed prefetches up to the prefetch bucket ahead and keeps weights it will reuse soon
     prefetch = min(getattr(comm, "stage3_prefetch_bucket_size", 50_000_000), P)
     gathered = 4 * min(max(pc["largest_layer_local"], prefetch), part)
-    return {"params": 4 * (part / N + pc["persistent"]) + gathered, "grads": 4 * P / N + 4 * bucket,
-            "optimizer": 16 * P / N}
+    transient = 4 * P + gathered + one_rank
+    return {"params": 4 * (part / N + pc["persistent"]), "grads": 4 * P / N + 4 * bucket + transient,
+            "optimizer": 12 * P / N, "transient": transient}
+
+
+def peak_bytes(states: dict, activations: float) -> float:
+    """A rank's peak: what it holds across steps, plus the larger of the micro-batch's activations
+    (with the loss buffer) and the step's transient gradients (backward frees one as the other grows)."""
+    held = states["params"] + states["optimizer"] + states["grads"] - states["transient"]
+    return held + max(activations, states["transient"])
 
 
 def activations(c, lay: Layout, S: int, T: int, bf16: bool) -> dict:
@@ -192,8 +207,9 @@ def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None) -> dict:
     states = model_states(c, lay, cfg.comm)
     act = activations(c, lay, S, T, bf16)
     lossb = loss_buffer(c, lay, T, bf16)
-    per_rank = {**states, "activations": act["activations"], "loss": lossb}
-    per_rank["total"] = sum(per_rank.values())
+    per_rank = {k: states[k] for k in ("params", "grads", "optimizer")}
+    per_rank.update(activations=act["activations"], loss=lossb,
+                    total=peak_bytes(states, act["activations"] + lossb))
     comm = comm_bytes(c, lay, S, T, bf16, accum)
     step_flops = flops.train_flops(c, global_batch, S, T)
     hw_flops = flops.train_flops(c, global_batch, S, T, recompute=lay.ckpt)
