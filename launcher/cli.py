@@ -29,8 +29,11 @@ def _prepare(a) -> int:
 def _train(a) -> int:
     if a.nproc and a.nproc > 1:
         # Fail here, before any process starts: the config, every input, the layout of N local ranks.
-        from launcher.parallel.dims import validate_layout
+        import torch
+        from launcher.parallel.dims import check_local_gpus, validate_layout
         from launcher.training.inputs import resolve_inputs
+        check_local_gpus(a.nproc, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         f"--nproc {a.nproc}")
         cfg = load_config(a.config, a.overrides)
         validate_layout(cfg, a.nproc, a.nproc)
         resolve_inputs(cfg)
