@@ -50,7 +50,7 @@ def _job_alive(job: str) -> bool:
 class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_FILE)
-        self.fd = None
+        self.fd, self.pid = None, 0
         self.took_over = ""
 
     def acquire(self) -> "RunLock":
@@ -86,7 +86,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
-        self.fd = fd
+        self.fd, self.pid = fd, os.getpid()
         atexit.register(self.release)     # whatever way this process leaves Python
         return self
 
@@ -98,8 +98,9 @@ class RunLock:
         return os.fstat(fd).st_ino == st.st_ino and os.fstat(fd).st_dev == st.st_dev
 
     def release(self) -> None:
-        """Removes the file (only the holder: we hold the lock) and drops the lock."""
-        if self.fd is None:
+        """Removes the file (only the holder: we hold the lock) and drops the lock. A forked
+        child (a loader worker) inherits the object, not the lock: it leaves both alone."""
+        if self.fd is None or os.getpid() != self.pid:
             return
         atexit.unregister(self.release)
         try:
