@@ -29,8 +29,11 @@ def _prepare(a) -> int:
 def _train(a) -> int:
     if a.nproc and a.nproc > 1:
         # Fail here, before any process starts: the config, every input, the layout of N local ranks.
-        from launcher.parallel.dims import validate_layout
+        import torch
+        from launcher.parallel.dims import check_local_gpus, validate_layout
         from launcher.training.inputs import resolve_inputs
+        check_local_gpus(a.nproc, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         f"--nproc {a.nproc}")
         cfg = load_config(a.config, a.overrides)
         validate_layout(cfg, a.nproc, a.nproc)
         resolve_inputs(cfg)
@@ -61,16 +64,42 @@ def _import(a) -> int:
 
 
 def _generate(a) -> int:
-    from launcher.hf.generate import generate
-    for line in generate(a.model_dir, a.texts, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens):
-        print(line)
+    from launcher.hf.files import Output, count_lines, read_inputs
+    from launcher.hf.generate import load, stream_generate
+    from launcher.hf.progress import Progress
+    if bool(a.texts) == bool(a.input):
+        raise UserError("generate: give the texts as arguments or --input FILE (- for stdin), "
+                         + ("not both" if a.texts else "none given"))
+    if a.field and not a.input:
+        raise UserError("generate: --field reads JSONL from --input")
+    if a.input and a.input != "-" and not os.path.isfile(a.input):
+        raise FileNotFoundError(f"--input {a.input}: no such file")
+    m = load(a.model_dir, a.device, a.dtype)
+    items = read_inputs(a.input, a.field) if a.input else ((None, t) for t in a.texts)
+    records: list = []                             # the records of the window being generated
+
+    def texts():
+        for rec, text in items:
+            records.append(rec)
+            yield text
+    total = count_lines(a.input) if a.input else len(a.texts)
+    try:
+        with Progress(total, "generate", "inputs", a.quiet) as bar, Output(a.output) as out:
+            for gens in stream_generate(m, texts(), a.num_beams, a.max_new_tokens, a.batch_size, bar):
+                for rec, g in zip(records, gens):
+                    out.line(rec, g)
+                del records[:len(gens)]
+                out.flush()
+    except BrokenPipeError:                        # `encdec generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
 def _eval(a) -> int:
     from launcher.hf.evaluate import run, table
     res = run(a.model_dir, a.data, a.json, objective=a.objective, batch_size=a.batch_size, num_beams=a.num_beams,
-              max_generate=a.max_generate)
+              max_generate=a.max_generate, device=a.device, precision=a.dtype, quiet=a.quiet)
     print(table(res))
     print(f"wrote {a.json}")
     return 0
@@ -87,6 +116,13 @@ def _plan(a) -> int:
     from launcher.planner.plan import main as plan_main
     return plan_main(a.config, a.overrides, a.nodes, a.gpus_per_node, a.gpu_memory_gib, a.peak_tflops, a.json,
                      a.vocab)
+
+
+def _inference_args(s) -> None:
+    s.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: the run's train.precision on a GPU, fp32 on CPU")
+    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -140,9 +176,14 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate with a converted model through transformers")
     s.add_argument("model_dir")
-    s.add_argument("texts", nargs="+")
+    s.add_argument("texts", nargs="*", help="inputs (or --input)")
+    s.add_argument("--input", metavar="FILE", help="one input per line; - = stdin")
+    s.add_argument("--field", help="--input is JSONL: the input is this field; output: each record + \"generated\"")
+    s.add_argument("--output", metavar="FILE", help="write here (FILE.partial until complete) instead of stdout")
     s.add_argument("--num-beams", type=int, default=1)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=int, default=64, help="at most the model's decoder positions - 1")
+    s.add_argument("--batch-size", type=int, default=64, help="inputs per batch (sorted by length)")
+    _inference_args(s)
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("plan", help="memory, communication and step time of a layout; the layouts that fit")
@@ -159,10 +200,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("data", help="a prepared folder, manifest or shard pattern (as data.valid)")
     s.add_argument("--objective", choices=["pairs", "span", "ul2"], help="default: the run's data.objective")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=32, help="examples per batch (regrouped by length)")
     s.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
-    s.add_argument("--max-generate", type=int, default=256, help="pairs: sources decoded and scored")
+    s.add_argument("--max-generate", type=int, default=None,
+                   help="pairs: the first N examples decoded and scored (default: the run's train.eval_generate, "
+                        "as the trainer scored)")
     s.add_argument("--json", default="eval.json", help="where the results are written")
+    _inference_args(s)
     s.set_defaults(fn=_eval)
 
     s = sub.add_parser("plot", help="PNG curves from a run folder's metrics.jsonl")

@@ -92,6 +92,8 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     eval_every: int = 0             # 0 = only at the end (if valid data is set)
+    eval_generate: int = 256        # pairs: the first N validation examples decoded and scored (BLEU/chrF) at
+                                    # each evaluation; `encdec eval` scores the same N by default; 0 = none
     label_smoothing: float = 0.0
     collective_timeout_s: int = 600  # a dead rank ends the job instead of hanging it
     compile: bool = False           # torch.compile each encoder/decoder layer (any ZeRO stage and tp)
@@ -324,6 +326,7 @@ def validate(cfg: RunConfig) -> None:
            f"lengths {d.max_src_len}/{d.max_tgt_len} exceed model.max_positions={m.max_positions}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.eval_generate >= 0, "train.eval_generate", f"must be >= 0 (0 = none), got {t.eval_generate}")
     _check(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0, got {t.max_bad_steps}")
     _check(t.spike_z >= 0, "train.spike_z", f"must be >= 0 (0 = off), got {t.spike_z}")
     _check(t.spike_window >= 2, "train.spike_window", f"must be >= 2, got {t.spike_window}")

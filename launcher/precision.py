@@ -81,10 +81,11 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(kind, dtype=self.compute_dtype)
 
-    def inference_dtype(self, device: str | torch.device) -> torch.dtype:
-        """The dtype an exported model runs in for evaluation and generation: the training precision
-        on a GPU; fp32 on the CPU (bf16 there is emulated for most shapes and no faster)."""
-        return self.compute_dtype if torch.device(device).type == "cuda" else torch.float32
+    def inference_name(self, device: str | torch.device) -> str:
+        """The precision an exported model runs in for evaluation and generation (autocast over its
+        fp32 weights, as in training): the training precision on a GPU; fp32 on the CPU (bf16
+        autocast there is no faster, bench/inference.py, and equal only within bf16 rounding)."""
+        return self.name if torch.device(device).type == "cuda" else "fp32"
 
     def check_matmuls(self, seen: dict[str, set]) -> None:
         """Raises PrecisionError (one line) unless every recorded matmul ran in compute_dtype."""

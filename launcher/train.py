@@ -1,8 +1,8 @@
 """Training entry of one rank: what a start does, in order, in one place.
 
 Run by `encdec train` (one process, or each rank under torchrun / srun: `python -m launcher.cli train`).
-    1. layout    tp x dp, ZeRO stage, divisibility, TP groups inside a node: checked once,
-                 before any process group waits
+    1. layout    tp x dp, ZeRO stage, divisibility, TP groups inside a node, no more ranks on a
+                 node than its GPUs: checked once, before any process group waits
     2. inputs    sources, manifests, tokenizer and vocabulary resolved once (fills cfg.model; the
                  vocabulary is padded to a multiple of tp)
     3. trainer   process groups, DeepSpeed engine, data stream, monitor
@@ -11,10 +11,14 @@ Run by `encdec train` (one process, or each rank under torchrun / srun: `python 
 """
 from __future__ import annotations
 
+import os
+
+import torch
+
 from launcher.config import RunConfig
 from launcher.dist_env import DistEnv, export_torch_env, for_this_process, read_env
 from launcher.faults import Faults
-from launcher.parallel.dims import validate_layout
+from launcher.parallel.dims import check_local_gpus, validate_layout
 from launcher.signals import StopSignal
 from launcher.training.inputs import resolve_inputs
 from launcher.training.trainer import Trainer
@@ -22,6 +26,9 @@ from launcher.training.trainer import Trainer
 
 def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Trainer:
     """Steps 1-4: a Trainer ready to train (resumed if there is something to resume from)."""
+    how = {"torchrun": f"LOCAL_WORLD_SIZE={env.local_world_size} (torchrun)",
+           "slurm": f"{env.local_world_size} Slurm tasks per node"}.get(env.launcher, "")
+    check_local_gpus(env.local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), how)
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
     inputs = resolve_inputs(cfg)
     export_torch_env(for_this_process(env))

@@ -1,4 +1,5 @@
-"""The demo path end to end at a smaller scale: corpus -> shards -> 2 ranks ZeRO-2 -> HF -> generate()."""
+"""The demo path end to end at a smaller scale: corpus -> shards -> 2 ranks ZeRO-2 -> HF -> generate();
+and the demo's layout on machines with 0 to 8 GPUs."""
 import re
 import subprocess
 import sys
@@ -6,6 +7,22 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("gpus,ranks", [(0, 2), (1, 1), (2, 2), (3, 2), (8, 8)])
+def test_demo_fits_the_machine(gpus, ranks):
+    """One rank per GPU (as many as divide the global batch), 2 CPU ranks without one; the layout
+    passes the GPU check and the layout check."""
+    import os
+    from launcher.config import load_config
+    from launcher.demo import demo_layout
+    from launcher.parallel.dims import check_local_gpus, validate_layout
+    config = os.path.join(ROOT, "configs", "demo.yaml")
+    t = load_config(config, []).train
+    n, overrides = demo_layout(gpus, t.global_batch_size, t.micro_batch_size)
+    assert n == ranks
+    check_local_gpus(n, gpus)
+    assert validate_layout(load_config(config, overrides), n, n).dp == n
 
 
 @pytest.mark.slow

@@ -84,3 +84,39 @@ def _groups_worker(rank, world):
 
 def test_groups_world4_tp2():
     spawn(_groups_worker, 4)
+
+
+@pytest.mark.parametrize("ranks,gpus,ok", [(2, 1, False), (8, 4, False), (2, 0, True), (4, 4, True), (1, 1, True),
+                                           (2, 8, True)])
+def test_ranks_per_node_fit_its_gpus(ranks, gpus, ok):
+    from launcher.parallel.dims import check_local_gpus
+    if ok:
+        check_local_gpus(ranks, gpus)                  # no GPU at all: CPU ranks (gloo), any number
+    else:
+        with pytest.raises(ConfigError, match=rf"--nproc {ranks} needs {ranks} GPUs on this node \(one per rank\), "
+                                              rf"but {gpus} (is|are) visible \(CUDA_VISIBLE_DEVICES=0\)"):
+            check_local_gpus(ranks, gpus, "0", f"--nproc {ranks}")
+
+
+def test_more_ranks_than_gpus_are_refused_before_any_process(tiny_pairs, tmp_path, monkeypatch, capsys):
+    """`encdec train --nproc 2` and a torchrun rank (LOCAL_WORLD_SIZE=2) on a node that shows one
+    GPU: one line, no rank started, no process group, no run folder (the GPU count is the node's)."""
+    import subprocess
+    from launcher.cli import main
+    from launcher.dist_env import DistEnv
+    from launcher.train import start
+    from ckpt_helpers import make_cfg
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("a rank was started"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    run = tmp_path / "run"
+    assert main(["train", "configs/test-tiny.yaml", f"data.train={tiny_pairs['train']}", f"out_dir={run}",
+                 "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "encdec: error: --nproc 2 needs 2 GPUs on this node (one per rank), but 1 is visible "
+        "(CUDA_VISIBLE_DEVICES=3); use 1 rank per node, or CUDA_VISIBLE_DEVICES= to train on CPU")
+    env = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2, node_rank=0, master_addr="127.0.0.1",
+                  master_port=1, launcher="torchrun")
+    with pytest.raises(ConfigError, match=r"^LOCAL_WORLD_SIZE=2 \(torchrun\) needs 2 GPUs"):
+        start(make_cfg(tiny_pairs["train"], str(run)), env)
+    assert not dist.is_initialized() and not run.exists()

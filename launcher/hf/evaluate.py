@@ -4,9 +4,15 @@ Loss and perplexity: the summed token cross-entropy over DATA's examples divided
 tokens, computed from the transformers model's logits. The examples are the trainer's validation
 examples (the same stream: no shuffle, every sample once, span noise keyed by position), built
 with the data settings of the run that made the folder (its encdec_config.yaml; options override),
-so the loss is the trainer's validation loss on the same shards. For pairs, the first
---max-generate sources are also decoded (greedy, or beam search with --num-beams) and scored with
-BLEU and chrF against their targets. Printed as a table; written as JSON (atomically).
+so the loss is the trainer's validation loss on the same shards. For pairs, the sources of the
+first N validation examples are also decoded (greedy, or beam search with --num-beams) and scored
+with BLEU and chrF against their targets: N is the run's train.eval_generate (the trainer scores
+the same examples at each evaluation) unless --max-generate says otherwise; bad samples among them
+are not scored. Printed as a table with the number scored; written as JSON (atomically).
+
+On the device and in the precision of launcher/hf/generate.py (a GPU when there is one, the run's
+precision there). Examples are read a window of WINDOW_BATCHES batches at a time and regrouped by
+length (the summed loss does not depend on the grouping); progress on stderr.
 """
 from __future__ import annotations
 
@@ -21,13 +27,16 @@ import yaml
 from common.atomic import atomic_write
 from common.errors import UserError
 from data.mixture import Component
+from data.objectives import collate
 from data.sources import resolve_source
 from data.spec import StreamSpec
 from data.stream import DataStream
 from data.tokenizer import load_tokenizer, sentinel_ids
 from data.ul2 import mode_ids, parse_table
+from launcher.config import TrainConfig
 from launcher.hf.card import CONFIG_FILE
-from launcher.hf.generate import load
+from launcher.hf.generate import WINDOW_BATCHES, Loaded, fit_new_tokens, folder_config, generate_ids, load
+from launcher.hf.progress import Progress
 from launcher.monitor.scores import score
 
 
@@ -56,40 +65,92 @@ def _spec(model_dir: str, data: str, objective: str | None, batch_size: int):
                       ul2=table, ul2_modes=modes, shuffle=False, pack=bool(d.get("pack", True)), bucket_window=0)
 
 
-def evaluate_folder(model_dir: str, data: str, objective: str | None = None, batch_size: int = 16,
-                    num_beams: int = 1, max_generate: int = 256, max_new_tokens: int | None = None) -> dict:
-    tok, model = load(model_dir)
-    spec = _spec(model_dir, data, objective, batch_size)
-    total, count, hyps, refs = 0.0, 0, [], []
+def eval_generate_default(model_dir: str) -> int:
+    """The run's train.eval_generate (what the trainer scored at each evaluation)."""
+    n = (folder_config(model_dir).get("train") or {}).get("eval_generate")
+    return int(n) if isinstance(n, int) and n >= 0 else TrainConfig().eval_generate
+
+
+def _rows(b: dict, first: int) -> list[tuple[int, dict]]:
+    """A collated batch back into (stream position, sample) rows, without padding; bad samples
+    (placeholders: no labels) dropped."""
+    out = []
+    for i in range(len(b["keys"])):
+        n_tgt = int((b["labels"][i] != -100).sum())
+        if n_tgt:
+            out.append((first + i, {"key": b["keys"][i], "src": b["src"][i][b["src_mask"][i]].numpy(),
+                                    "tgt": b["labels"][i][:n_tgt].numpy()}))
+    return out
+
+
+def _batches(spec, batch_size: int, keep: int, kept: list):
+    """(samples, stream positions read) batches of the stream's real examples, regrouped by
+    length inside windows of WINDOW_BATCHES batches; the samples of the first `keep` positions
+    are also appended to `kept` (the ones decoded and scored)."""
+    window, pos = [], 0
     for b in DataStream(spec, 0, 1, batch_size):
-        with torch.no_grad():
-            logits = model(input_ids=b["src"], attention_mask=b["src_mask"].long(),
-                           decoder_input_ids=b["tgt_in"]).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((b["labels"] != -100).sum())
-        if spec.components[0].objective == "pairs" and len(hyps) < max_generate:
-            keep = [i for i in range(len(b["keys"])) if (b["labels"][i] != -100).any()][:max_generate - len(hyps)]
-            if keep:
-                with torch.no_grad():
-                    out = model.generate(input_ids=b["src"][keep], attention_mask=b["src_mask"][keep].long(),
-                                         num_beams=num_beams, do_sample=False,
-                                         max_new_tokens=max_new_tokens or spec.max_tgt_len)
-                hyps += tok.batch_decode(out, skip_special_tokens=True)
-                refs += tok.batch_decode([[t for t in b["labels"][i].tolist() if t >= 0] for i in keep],
-                                         skip_special_tokens=True)
+        for p, smp in _rows(b, pos):
+            window.append(smp)
+            if p < keep:
+                kept.append(smp)
+        pos += len(b["keys"])
+        if len(window) >= batch_size * WINDOW_BATCHES:
+            yield from _regroup(window, batch_size, pos)
+            window = []
+    yield from _regroup(window, batch_size, pos)
+
+
+def _regroup(window: list[dict], batch_size: int, pos: int):
+    window.sort(key=lambda smp: (len(smp["src"]), len(smp["tgt"])))
+    for i in range(0, len(window), batch_size):
+        yield window[i:i + batch_size], pos
+
+
+def _loss(m: Loaded, samples: list[dict], spec) -> tuple[torch.Tensor, int]:
+    """(summed token cross-entropy on the device, target tokens) of one batch."""
+    b = collate(samples, spec.max_src_len, spec.max_tgt_len)
+    with torch.inference_mode(), m.autocast():
+        logits = m.model(input_ids=b["src"].to(m.device), attention_mask=b["src_mask"].long().to(m.device),
+                         decoder_input_ids=b["tgt_in"].to(m.device)).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].to(m.device).flatten(), ignore_index=-100,
+                               reduction="sum")
+    return loss.double(), int((b["labels"] != -100).sum())
+
+
+def evaluate_folder(model_dir: str, data: str, objective: str | None = None, batch_size: int = 32,
+                    num_beams: int = 1, max_generate: int | None = None, max_new_tokens: int | None = None,
+                    device: str = "auto", precision: str = "auto", quiet: bool = True,
+                    loaded: Loaded | None = None) -> dict:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    m = loaded or load(model_dir, device, precision)
+    spec = _spec(model_dir, data, objective, batch_size)
+    pairs = spec.components[0].objective == "pairs"
+    n_gen = (eval_generate_default(model_dir) if max_generate is None else max_generate) if pairs else 0
+    total, count, gen = torch.zeros((), dtype=torch.float64, device=m.device), 0, []
+    with Progress(spec.epoch_positions, "eval loss", "examples", quiet) as bar:
+        for samples, pos in _batches(spec, batch_size, n_gen, gen):
+            loss, n = _loss(m, samples, spec)
+            total, count = total + loss, count + n             # summed on the device: no sync per batch
+            bar.update(min(pos, spec.epoch_positions) - bar.done)
     if not count:
         raise UserError(f"eval: no target tokens in {data}")
-    loss = total / count
+    loss = total.item() / count
     res = {"model": os.path.abspath(model_dir), "data": data, "objective": spec.components[0].objective,
-           "examples": spec.epoch_positions, "target_tokens": count, "loss": loss, "ppl": math.exp(min(loss, 50))}
-    if hyps:
+           "examples": spec.epoch_positions, "target_tokens": count, "loss": loss, "ppl": math.exp(min(loss, 50)),
+           "device": m.device, "precision": m.precision}
+    if gen:
+        with Progress(len(gen), "eval generate", "examples", quiet) as bar:
+            hyps = generate_ids(m, [s["src"].tolist() for s in gen], num_beams,
+                                fit_new_tokens(m, max_new_tokens or spec.max_tgt_len), batch_size, bar)
+        refs = m.tok.batch_decode([s["tgt"].tolist() for s in gen], skip_special_tokens=True)
         res.update(score(hyps, refs), generated=len(hyps), num_beams=num_beams)
     return res
 
 
 def table(res: dict) -> str:
-    keys = [k for k in ("loss", "ppl", "bleu", "chrf", "generated", "examples", "target_tokens") if k in res]
+    keys = [k for k in ("loss", "ppl", "bleu", "chrf", "generated", "examples", "target_tokens", "device",
+                        "precision") if k in res]
     w = max(map(len, keys))
     rows = [f"{'metric':{w}s}  value"] + [f"{k:{w}s}  {res[k]:.6g}" if isinstance(res[k], float) else
                                          f"{k:{w}s}  {res[k]}" for k in keys]

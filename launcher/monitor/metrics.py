@@ -292,7 +292,8 @@ class Monitor:
                 data["eval/samples"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
             self._wandb(self.wandb_run.log, data)
         if self.console:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))
             print(f"eval @ step {step}: {shown}", file=self.stream or sys.stdout, flush=True)
 
     def close(self, exit_code: int = 0) -> None:

@@ -7,7 +7,8 @@ groups are strided across the runs.
     world 8, tp 2:  TP groups [0,1] [2,3] [4,5] [6,7]     DP groups [0,2,4,6] [1,3,5,7]
     rank r:         tp_rank = r % tp                      dp_rank = r // tp
 
-validate_layout() is the one check of a layout, run once per start before any process group.
+validate_layout() is the one check of a layout, run once per start before any process group;
+check_local_gpus() the one check of the ranks of a node against its GPUs (before any process starts).
 
 With tp == 1 no group is created and nothing here issues a collective: the DP group is the
 default (world) group and `Mesh.deepspeed_mpu()` returns None, so DeepSpeed runs as plain DP.
@@ -192,6 +193,20 @@ def check_supported(tp: int, zero_stage: int) -> None:
     is not used: at ZeRO 0 its optimizer drops TP ranks' sharded gradients from the clipping norm)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'parallel.zero_stage': must be 0-3, got {zero_stage}")
+
+
+def check_local_gpus(ranks_per_node: int, gpus: int, visible: str | None = None, how: str = "") -> None:
+    """Refuses more ranks on a node than GPUs it shows (each rank takes cuda:LOCAL_RANK); with no
+    GPU at all the ranks run on CPU (gloo), any number. `gpus`: torch.cuda.device_count(), which
+    counts only CUDA_VISIBLE_DEVICES (`visible`, named in the message when set); `how`: what asked
+    for the ranks (e.g. "--nproc 2")."""
+    if gpus <= 0 or ranks_per_node <= gpus:
+        return
+    shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    asked = how or f"{ranks_per_node} ranks on this node"
+    raise ConfigError(f"{asked} needs {ranks_per_node} GPUs on this node (one per rank), but {gpus} "
+                      f"{'is' if gpus == 1 else 'are'} visible{shown}; use {gpus} rank{'s' if gpus > 1 else ''} "
+                      "per node, or CUDA_VISIBLE_DEVICES= to train on CPU")
 
 
 def validate_layout(cfg: RunConfig, world_size: int, ranks_per_node: int = 0) -> ParallelDims:

@@ -7,9 +7,16 @@ first still runs) is refused with one line naming the owner. A stale owner (its 
 gone: kill -9, a lost node, a requeue) holds no lock any more, so the next run takes the folder
 over and resumes; on file systems where fcntl locks do not cross nodes, a record of another
 Slurm job that is still in the queue refuses too.
+
+The file exists only while a run holds it: release() (the trainer's exit, a stop by signal, a
+second Ctrl-C; at interpreter exit after any other error) removes it while still holding the
+lock, so the next run finds no owner record to take over. A run that opened the file just before
+it was removed holds a lock on a file no longer in the folder: acquire() checks that the file it
+locked is still the folder's (same inode) and starts again otherwise. Only the holder removes it.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -46,24 +53,33 @@ def _job_alive(job: str) -> bool:
 class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_FILE)
-        self.fd = None
+        self.fd, self.pid = None, 0
         self.took_over = ""
 
     def acquire(self) -> "RunLock":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                prev = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except ValueError:
+                prev = {}
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RunBusy(f"run folder {os.path.dirname(self.path)} is in use by {_owner_text(prev)} "
+                              f"(since {prev.get('started', '?')}); wait for it, cancel it, or use another "
+                              "out_dir") from None
+            if self._is_current(fd):
+                break
+            os.close(fd)                  # the holder removed it between our open and lock: again
+        try:                              # an owner record written before our lock: read it again
             prev = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         except ValueError:
             prev = {}
         me = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RunBusy(f"run folder {os.path.dirname(self.path)} is in use by {_owner_text(prev)} "
-                          f"(since {prev.get('started', '?')}); wait for it, cancel it, or use another out_dir") from None
         if prev.get("job") and prev["job"] != me["job"] and _job_alive(prev["job"]):
             os.close(fd)
             raise RunBusy(f"run folder {os.path.dirname(self.path)} is in use by {_owner_text(prev)} "
@@ -73,11 +89,27 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
-        self.fd = fd
+        self.fd, self.pid = fd, os.getpid()
+        atexit.register(self.release)     # whatever way this process leaves Python
         return self
 
+    def _is_current(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return os.fstat(fd).st_ino == st.st_ino and os.fstat(fd).st_dev == st.st_dev
+
     def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)                 # closing drops the lock
-            self.fd = None
+        """Removes the file (only the holder: we hold the lock) and drops the lock. A forked
+        child (a loader worker) inherits the object, not the lock: it leaves both alone."""
+        if self.fd is None or os.getpid() != self.pid:
+            return
+        atexit.unregister(self.release)
+        try:
+            if self._is_current(self.fd):
+                os.unlink(self.path)
+        except OSError:
+            os.ftruncate(self.fd, 0)      # cannot remove it: at least no owner record is left
+        os.close(self.fd)                 # closing drops the lock
+        self.fd = None
