@@ -1,6 +1,6 @@
 """Files and folders that never sit half-written under their final name.
 
-    atomic_write(path, text)   temp file in the same folder, fsync, rename, fsync the folder
+    atomic_write(path, text)   temp file in the same folder, fsync, rename, fsync the folder (text or bytes)
     atomic_dir(out)            a temporary folder beside `out`, renamed into place on success
     file_digest(path)          {"size", "sha256"}: what checkpoints record and verify
 """
@@ -31,10 +31,10 @@ def fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+def atomic_write(path: str, text: str | bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.{os.urandom(4).hex()}"     # unique even for writers on several hosts
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

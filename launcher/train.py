@@ -22,7 +22,7 @@ from launcher.training.trainer import Trainer
 def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Trainer:
     """Steps 1-4: a Trainer ready to train (resumed if there is something to resume from)."""
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
-    inputs = resolve_inputs(cfg)
+    inputs = resolve_inputs(cfg, share=(env.rank, env.world_size))
     export_torch_env(for_this_process(env))
     trainer = Trainer(cfg, env, dims, inputs, stop=stop)
     trainer.resume()

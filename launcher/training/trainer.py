@@ -48,20 +48,18 @@ STOP_FILE = "requeue_requested"     # written when a signal stopped the run; the
 
 @dataclass
 class TrainState:
-    """The loop's own counters and the step guard's (saved at the top level of trainer_state.json)."""
+    """The loop's own counters and the step guard's (saved at the top level of trainer_state.json;
+    the data counters are the stream's own state)."""
     step: int = 0
     tokens_seen: int = 0
     guard: StepGuard = field(default_factory=lambda: StepGuard(0))
-    data_counters: dict = field(default_factory=dict)   # bad samples, packing stats: data-parallel totals
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, **self.guard.state_dict(),
-                "data_counters": dict(self.data_counters)}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, **self.guard.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens_seen = int(d["step"]), int(d.get("tokens_seen", 0))
         self.guard.load_state_dict(d)
-        self.data_counters = dict(d.get("data_counters") or {})
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -94,7 +92,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.engine, self.scheduler = build_engine(cfg, self.mesh, self.device, self.accum)
-        self.stream = inputs.stream(cfg, "train", self.dp_rank, self.dp)
+        self.stream = inputs.stream(cfg, "train", self.dp_rank, self.dp, reduce=self._dp_sum)
         t = cfg.train
         self.state = TrainState(guard=StepGuard(t.max_bad_steps, t.spike_z, t.spike_window))
         self.checkpoints = CheckpointManager(cfg, env, self.mesh, inputs.tokenizer_path)
@@ -135,26 +133,21 @@ class Trainer:
     def resume(self) -> str | None:
         """Continues from checkpoint.resume (the run's latest, a tag, or a Hugging Face folder), if any."""
         self.watchdog.beat(self.step, "resume")
-        out = self.checkpoints.resume(**self.stateful())
-        c = self.state.data_counters
-        if c and self.dp_rank == 0:                     # totals restored once (on data-parallel rank 0)
-            self.stream.skipped = int(c.get("bad_samples", 0))
-            self.stream.stats = {k: int(v) for k, v in c.get("packing", {}).items()}
+        out = self.checkpoints.resume(**self.stateful())     # the stream's counters come back with its position
         self.watchdog.beat(self.step, "data")
         return out
 
+    def _dp_sum(self, values: list) -> list:
+        """Collective: numbers summed over the data-parallel ranks (each counted once: TP ranks of a
+        group read the same data and are not summed)."""
+        return all_reduce(torch.tensor(values, dtype=torch.float64), self.device, self.dp_group).tolist()
+
     def data_totals(self) -> dict:
-        """Collective: bad samples and packing stats summed over the data-parallel ranks (each
-        counted once: TP ranks of a group read the same data and are not summed)."""
-        keys = sorted(self.stream.stats)
-        t = torch.tensor([float(self.stream.skipped)] + [float(self.stream.stats[k]) for k in keys],
-                         dtype=torch.float64)
-        t = all_reduce(t, self.device, self.dp_group)
-        return {"bad_samples": int(t[0].item()), "packing": {k: int(v) for k, v in zip(keys, t[1:].tolist())}}
+        """Collective: bad samples and packing stats summed over the data-parallel ranks."""
+        return self.stream.counters()
 
     def save_checkpoint(self) -> str:
         self.watchdog.beat(self.step, "checkpoint")
-        self.state.data_counters = self.data_totals()
         return self.checkpoints.save(**self.stateful())
 
     # ------------------------------------------------------------------ one step
