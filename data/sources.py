@@ -6,10 +6,12 @@ A source is one of
     /data/shard-{000000..000099}.tar   a brace pattern (several patterns joined by '::'); local globs too
     pipe:curl -s https://host/shard-{000..099}.tar    a shell command per shard that writes the tar
     s3://bucket/shard-{000..099}.tar   any fsspec URL (s3://, gs://, https://, file://, memory://)
+    /data/shards                       a folder of webdataset shards without a manifest (its *.tar, *.tar.gz)
 For a pattern the per-shard sample counts come from a manifest: given explicitly, or the
 manifest.json next to the shards (for `pipe:` the last argument of the command is the shard's
-location). Everything here fails at start with one line naming the source: a pattern that
-matches nothing, a shard missing from the manifest, a local or fsspec shard that does not exist.
+location); a source with no manifest at all is counted by a scan (data/scan.py, data/resolve.py).
+Everything here fails at start with one line naming the source: a pattern that matches nothing,
+a shard missing from the manifest, a local or fsspec shard that does not exist.
 """
 from __future__ import annotations
 

@@ -24,21 +24,19 @@ log = logging.getLogger("encdec.data")
 @dataclass(frozen=True)
 class Vocab:
     """What the run's tokenizer decides for a stream (vocab_of): its size (> 0: ids at or above it
-    are bad samples), its <extra_id_0>, <extra_id_1>, ... ids, the UL2 denoisers' mode token ids
-    (-1 = none), and its tokenizer.json (raw text shards are tokenized with it; "" = none)."""
+    are bad samples), its <extra_id_0>, <extra_id_1>, ... ids and the UL2 denoisers' mode token ids
+    (-1 = none)."""
     size: int
     sentinel_ids: tuple
     ul2_modes: tuple = ()
-    tokenizer: str = ""
 
 
 def vocab_of(tokenizer: str, d: DataConfig) -> Vocab:
     """The tokenizer (a tokenizer.json, a prepared folder or a Hugging Face folder) -> Vocab; the UL2
     mode tokens of data.ul2 must be in it (DataError naming data.ul2[i].mode otherwise)."""
-    path = tokenizer_file(tokenizer)
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(tokenizer_file(tokenizer))
     modes = mode_ids(d.ul2 or default_table(), tok.token_to_id) if uses(d, "ul2") else []
-    return Vocab(tok.get_vocab_size(), tuple(sentinel_ids(tok)), tuple(modes), path)
+    return Vocab(tok.get_vocab_size(), tuple(sentinel_ids(tok)), tuple(modes))
 
 
 @dataclass

@@ -4,6 +4,7 @@ by a scan, tokenized by the loader workers, with the guarantees of prepared data
 every document per epoch, exact resume on another layout) and the token stream `encdec prepare`
 gives for the same shards. Real text (license texts then docstrings: grouped by source, uneven)."""
 import glob
+import gzip
 import json
 import os
 import sys
@@ -81,6 +82,23 @@ def test_prepare_reads_the_members_of_a_tar(corpus):
     tok = load_tokenizer(corpus["tok"])
     first = [json.loads(raw["json"])["ids"] for _, raw in iter_samples(str(corpus["root"] / "prep" / "shard-000000.tar"))]
     assert first[:5] == [tok.encode(d).ids for d in docs[:5]]
+
+
+def test_prepare_reads_a_tar_or_gzip_by_content(corpus, tmp_path):
+    """A gzipped tar named .dat (.json members, the text in "body") and gzipped lines named .txt:
+    read as what they are, not as text lines."""
+    docs = corpus["docs"][:30]
+    with wds.TarWriter(str(tmp_path / "x.tar")) as w:
+        for i, d in enumerate(docs):
+            w.write({"__key__": f"d{i:03d}", "json": {"body": d, "url": "u"}})
+    (tmp_path / "web.dat").write_bytes(gzip.compress((tmp_path / "x.tar").read_bytes()))
+    (tmp_path / "lines.txt").write_bytes(gzip.compress(("\n".join(docs) + "\n").encode()))
+    tok = load_tokenizer(corpus["tok"])
+    for name, kw in (("web.dat", {"text_field": "body"}), ("lines.txt", {})):
+        out = str(tmp_path / f"out-{name}")
+        man = prepare([str(tmp_path / name)], out, objective="span", tokenizer=corpus["tok"], progress=False, **kw)
+        ids = [json.loads(raw["json"])["ids"] for s in man["shards"] for _, raw in iter_samples(f"{out}/{s['name']}")]
+        assert ids == [tok.encode(d).ids for d in docs], name
 
 
 @pytest.mark.parametrize("objective", ["span", "ul2"])
