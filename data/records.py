@@ -85,7 +85,8 @@ def decode(raw: dict, objective: str, url: str, key: str, vocab: int = 0):
     """Raw tar sample -> token arrays, or a string saying what is wrong with it.
 
     objective: "pairs" ({"src", "tgt"} -> a tuple of arrays with their </s>), else a document
-    ({"ids"} -> an array without its </s>). With vocab > 0, a token id >= vocab (data prepared with another tokenizer) makes it bad.
+    ({"ids"} -> an array without its </s>). With vocab > 0, a token id >= vocab (data prepared
+    with another tokenizer) makes it bad.
     """
     out = _decode(raw, objective, key)
     if vocab > 0 and not isinstance(out, str):

@@ -36,7 +36,8 @@ class Where:
 
 
 def find_tokenizer(d: DataConfig) -> str:
-    """data.tokenizer, else tokenizer.json in data.train or in the first local mixture source that has one; "" if none."""
+    """data.tokenizer, else tokenizer.json in data.train or in the first local mixture source that has
+    one; "" if none."""
     if d.tokenizer:
         return d.tokenizer
     for c in [d.train] + [e.source for e in d.mixture]:

@@ -23,7 +23,7 @@ divides V, each reader opens only its own streams (V / (dp x workers) of them); 
 readers also read (and drop) parts of streams they share.
 
 The resumable state is {"epoch", "cursor"}: g = epoch * E + cursor (E = positions per epoch), at
-a step boundary. Resuming with another dp size or worker count continues with exactly the
+a step boundary (plus the counters' totals, DataStream.counters). Resuming with another dp size or worker count continues with exactly the
 positions not yet consumed. Span-corruption noise is drawn from an RNG keyed by (seed, dataset,
 epoch, cursor), so every example is byte-identical on any resume.
 

@@ -28,7 +28,8 @@ def test_the_stream_reads_the_configs_settings_and_the_config_is_parsed_once(tin
     for k in ("seed", "bucket_window", "num_streams", "shuffle_block", "max_bad_samples", "pack"):
         assert getattr(spec, k) == getattr(cfg.data, k), k
     assert (spec.seed, spec.bucket_window) == (d.seed, d.bucket_window) == (1234, 8)
-    cfg = load_config(TINY, ["data.objective=ul2", "data.mixture=[{source: a, weight: 2}, {source: b, objective: pairs}]"])
+    cfg = load_config(TINY, ["data.objective=ul2",
+                             "data.mixture=[{source: a, weight: 2}, {source: b, objective: pairs}]"])
     assert cfg.data.ul2 == default_table()                      # the effective table, in the saved config too
     assert cfg.data.mixture == [MixtureEntry("a", 2.0, "ul2", "", "0", "text", "src", "tgt"),
                                 MixtureEntry("b", 1.0, "pairs", "", "1", "text", "src", "tgt")]

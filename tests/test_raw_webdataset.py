@@ -49,7 +49,8 @@ def corpus(tmp_path_factory):
     os.makedirs(root / "txt")
     os.makedirs(root / "json")
     os.makedirs(root / "pairs")
-    txt = _write(str(root / "txt" / "shard-%06d.tar"), ({"__key__": f"doc{i:05d}", "txt": d} for i, d in enumerate(docs)))
+    txt = _write(str(root / "txt" / "shard-%06d.tar"),
+                 ({"__key__": f"doc{i:05d}", "txt": d} for i, d in enumerate(docs)))
     _write(str(root / "json" / "shard-%06d.tar"), ({"__key__": f"doc{i:05d}", "json": {"text": d}}
                                                    for i, d in enumerate(docs)))
     nums = np.random.default_rng(0).permutation(10000)[:150]
@@ -80,7 +81,8 @@ def test_prepare_reads_the_members_of_a_tar(corpus):
     assert [s["num_samples"] for s in man["shards"]] == [min(PER_SHARD, len(docs) - i)
                                                          for i in range(0, len(docs), PER_SHARD)]
     tok = load_tokenizer(corpus["tok"])
-    first = [json.loads(raw["json"])["ids"] for _, raw in iter_samples(str(corpus["root"] / "prep" / "shard-000000.tar"))]
+    shard = str(corpus["root"] / "prep" / "shard-000000.tar")
+    first = [json.loads(raw["json"])["ids"] for _, raw in iter_samples(shard)]
     assert first[:5] == [tok.encode(d).ids for d in docs[:5]]
 
 
@@ -184,7 +186,8 @@ def _train_raw_and_prepared(root, tok, base):
     common = ("data.num_workers=1", f"data.tokenizer={tok}", "train.steps=3", "model.dropout=0.1",
               "checkpoint.every=0", "parallel.zero_stage=1", "data.max_src_len=32", "data.max_tgt_len=24")
     out = {}
-    for name, mix, stop in (("raw", raw, None), ("prepared", prepared, None), ("resumed", raw, 1), ("resumed", raw, None)):
+    runs = (("raw", raw, None), ("prepared", prepared, None), ("resumed", raw, 1), ("resumed", raw, None))
+    for name, mix, stop in runs:
         t = train("", os.path.join(base, name), mix, *common, stop_after=stop)
         out[name] = {s: [r["loss"], r["grad_norm"], r["skipped_samples"]] for s, r in metrics(t.cfg.out_dir).items()}
     return out

@@ -32,8 +32,8 @@ def corpus(tmp_path_factory):
 
 def _spec(corpus, **kw):
     tok = corpus["tok"]
-    base = dict(num_streams=4, shuffle_block=64, seed=5, global_batch=8, max_src_len=64, max_tgt_len=64, bucket_window=0,
-                sentinel_ids=sentinel_ids(tok), ul2=TABLE, ul2_modes=mode_ids(TABLE, tok.token_to_id))
+    base = dict(num_streams=4, shuffle_block=64, seed=5, global_batch=8, max_src_len=64, max_tgt_len=64,
+                bucket_window=0, sentinel_ids=sentinel_ids(tok), ul2=TABLE, ul2_modes=mode_ids(TABLE, tok.token_to_id))
     base.update(kw)
     return stream_spec(shards=resolve_shards(corpus["span"]), objective="ul2", **base)
 
