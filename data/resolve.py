@@ -75,7 +75,7 @@ def component(name: str, source: str, manifest: str, objective: str, weight: flo
     exists_all(urls)
     kind = sample_kind(objective)
     raw = None
-    if not detect_tokens(urls[0], kind):
+    if not detect_tokens(urls, kind):
         if not tokenizer:
             raise DataError(f"config key 'data.tokenizer': {source} holds raw text (webdataset samples without "
                             "token ids) and no tokenizer is given to tokenize it: set data.tokenizer to a "

@@ -62,14 +62,15 @@ def identity(url: str) -> dict | None:
     return {"url": loc, "size": info.get("size"), "version": version} if version and info.get("size") else None
 
 
-def detect_tokens(url: str, kind: str) -> bool:
-    """Whether a shard's first sample holds token ids (the prepared layout) rather than text."""
-    try:
-        for key, raw in iter_samples(url):
-            return "json" in raw and not isinstance(decode(raw, kind, url, key), str)
-    except ShardError as e:
-        raise DataError(f"cannot read shard {url}: {e}") from None
-    raise DataError(f"shard {url} holds no samples")
+def detect_tokens(urls: list[str], kind: str) -> bool:
+    """Whether a source's first sample holds token ids (the prepared layout) rather than text."""
+    for url in urls:
+        try:
+            for key, raw in iter_samples(url):
+                return "json" in raw and not isinstance(decode(raw, kind, url, key), str)
+        except ShardError as e:
+            raise DataError(f"cannot read shard {url}: {e}") from None
+    raise DataError(f"no samples in {urls[0]}{'...' if len(urls) > 1 else ''}")
 
 
 def scan(urls: list[str], kind: str, raw: RawText | None, cache_dir: str = "", fallback: str = "",

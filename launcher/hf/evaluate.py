@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,8 @@ def _spec(model_dir: str, data: str, objective: str | None, batch_size: int):
     `objective`), the folder's tokenizer, DATA resolved as data.valid is."""
     d = data_config({**_settings(model_dir), **({"objective": objective} if objective else {})})
     tok = os.path.join(model_dir, "tokenizer.json")
-    comp = component("", data, "", d.objective, 1.0, fields_of(d, d.objective), tok, Where(d.scan_cache))
+    where = Where(d.scan_cache, os.path.join(tempfile.gettempdir(), "encdec-scan"))   # raw shards: their counts
+    comp = component("", data, "", d.objective, 1.0, fields_of(d, d.objective), tok, where)
     return StreamSpec(d, [comp], batch_size, False, vocab_of(tok, d))
 
 
