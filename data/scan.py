@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
@@ -40,7 +39,6 @@ from data.tokenizer import tokenizer_hash
 VERSION = 1
 CACHE = ".encdec-scan"
 BATCH = 512
-log = logging.getLogger("encdec.data")
 
 
 def identity(url: str) -> dict | None:
