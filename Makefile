@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/step.py
 	$(PY) bench/t5_step_time.py
 	$(PY) bench/prepare_throughput.py
+	$(PY) bench/tar_reader.py
 	$(PY) bench/packing_loss.py
 	$(PY) bench/pack_attention_step.py
 

@@ -29,7 +29,10 @@ import webdataset as wds
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.packed import INDEX_DTYPE, index_name  # noqa: E402
-from data.stream import DataStream, StreamSpec, resolve_shards  # noqa: E402
+from data.config import DataConfig  # noqa: E402
+from data.mixture import Component  # noqa: E402
+from data.spec import StreamSpec, Vocab  # noqa: E402
+from data.stream import DataStream, resolve_shards  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from model import build, padded_vocab  # noqa: E402
 import dataclasses  # noqa: E402
@@ -64,8 +67,9 @@ def write_shards(out: str, n_docs: int, per_shard: int = 2000, vocab: int = 3200
 
 
 def stream_rate(data: str, workers: int, seconds: float, micro_batch: int = 64) -> tuple[float, float, int]:
-    spec = StreamSpec(shards=resolve_shards(data), objective="span", num_streams=8, shuffle_block=1024, seed=0,
-                      global_batch=micro_batch, max_src_len=512, max_tgt_len=128, n_sentinels=100)
+    d = DataConfig(num_streams=8, shuffle_block=1024, seed=0, max_src_len=512, max_tgt_len=128)
+    spec = StreamSpec(d, [Component("", resolve_shards(data), "span")], micro_batch, True,
+                      Vocab(0, tuple(range(3, 103))))
     stream = DataStream(spec, dp_rank=0, dp_size=1, micro_batch=micro_batch, num_workers=workers)
     it = iter(stream)
     next(it)                                            # workers started, first blocks read

@@ -28,8 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.real_text import collect  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.records import decode  # noqa: E402
-from data.sources import iter_samples  # noqa: E402
-from data.stream import Layout, StreamSpec, resolve_shards  # noqa: E402
+from data.tar import iter_samples  # noqa: E402
+from data.config import DataConfig  # noqa: E402
+from data.mixture import Component  # noqa: E402
+from data.spec import StreamSpec, Vocab  # noqa: E402
+from data.stream import Layout, resolve_shards  # noqa: E402
 
 
 def corpus_counts(shards, size: int) -> np.ndarray:
@@ -41,8 +44,8 @@ def corpus_counts(shards, size: int) -> np.ndarray:
 
 
 def epoch_loss(shards, block: int, max_src_len: int, size: int, want: np.ndarray) -> tuple[float, float]:
-    spec = StreamSpec(shards=shards, objective="span", num_streams=8, shuffle_block=block, seed=0, global_batch=8,
-                      max_src_len=max_src_len, max_tgt_len=max_src_len)
+    d = DataConfig(num_streams=8, shuffle_block=block, seed=0, max_src_len=max_src_len, max_tgt_len=max_src_len)
+    spec = StreamSpec(d, [Component("", shards, "span")], 8, True, Vocab(0, tuple(range(3, 103))))
     lay, got = Layout(spec), np.zeros(size, dtype=np.int64)
     for g in range(spec.epoch_positions):
         c, v, e, i = lay.locate(g)

@@ -2,7 +2,7 @@
 
     atomic_path(path)          a temporary path beside `path`; fsynced and renamed onto it on success
     atomic_file(path, mode)    the same, as an open file (text or binary)
-    atomic_write(path, data)   atomic_file with its whole content
+    atomic_write(path, data)   atomic_file with its whole content (text or bytes)
     atomic_dir(out)            a temporary folder beside `out`, renamed into place on success
     file_digest(path)          {"size", "sha256"}: what checkpoints record and verify
 """
@@ -37,7 +37,7 @@ def fsync_file(path: str) -> None:
 def atomic_path(path: str):
     """Yields a temporary path beside `path` for the caller to write (any writer: torch.save, savefig);
     on success it is fsynced and renamed onto `path` (and the folder fsynced); on failure removed."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}.{os.urandom(4).hex()}"     # unique even for writers on several hosts
     try:
         yield tmp
         fsync_file(tmp)

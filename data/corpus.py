@@ -1,25 +1,62 @@
-"""Reading raw corpora: plain text (one document per line) or JSONL, optionally gzipped.
+"""Reading raw corpora: plain text (one document per line), JSONL, or webdataset tars (a document
+per sample, data/rawtext.py), each gzipped, bzip2- or xz-compressed or not.
 
-Bad input raises CorpusError with the file, line and problem in one line.
+What a file is comes from its content, not its name: a tar or a compressed file is read as
+one whatever it is called, and anything else holding NUL bytes (binary data) is refused, never
+tokenized as text. Bad input raises CorpusError with the file, line (or sample) and problem in one line.
 """
 from __future__ import annotations
 
-import gzip
+import functools
 import json
 import os
 from typing import Iterator
 
 from common.errors import UserError
+from data.rawtext import texts_of
+from data.tar import OPEN, ShardError, compression, is_tar, iter_samples
+
+SNIFF = 1 << 16                 # bytes looked at to tell what a file is
 
 
 class CorpusError(UserError):
     pass
 
 
-def _open(path: str):
+@functools.lru_cache(maxsize=4096)
+def input_kind(path: str, size: int = -1, mtime: int = -1) -> tuple[str, str]:
+    """(what the file holds: "text" or "tar", its compression: gzip, bzip2, xz or ""); binary data ->
+    CorpusError. (size and mtime only key the cache.)"""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF)
+    how = compression(head)
+    if how:
+        try:
+            with OPEN[how](path, "rb") as f:
+                head = f.read(SNIFF)
+        except (OSError, EOFError, ValueError) as e:
+            raise CorpusError(f"{path}: {how}-compressed, but cannot be decompressed ({e})") from None
+    if is_tar(head):
+        return "tar", how
+    if b"\0" in head:
+        at, after = head.index(b"\0"), f" after {how} decompression" if how else ""
+        raise CorpusError(f"{path}: binary data (a NUL byte at offset {at}{after}), not text, JSONL or a tar: refused")
+    return "text", how
+
+
+def kind_of(path: str) -> tuple[str, str]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise CorpusError(f"corpus file not found: {path}") from None
     if not os.path.isfile(path):
         raise CorpusError(f"corpus file not found: {path}")
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return input_kind(path, st.st_size, st.st_mtime_ns)
+
+
+def _open(path: str):
+    how = kind_of(path)[1]
+    return OPEN[how](path, "rb") if how else open(path, "rb")
 
 
 def _is_jsonl(path: str) -> bool:
@@ -27,18 +64,27 @@ def _is_jsonl(path: str) -> bool:
     return p.endswith(".jsonl") or p.endswith(".json")
 
 
+def cuttable(path: str) -> bool:
+    """Whether a file can be cut at line starts (plain, uncompressed text)."""
+    return kind_of(path) == ("text", "")
+
+
 def read_records(path: str, objective: str, text_field: str = "text", src_field: str = "src",
                  tgt_field: str = "tgt", on_bad=None, start: int = 0, end: int = -1) -> Iterator[tuple]:
     """Yields (text,) for objective 'span' or (src, tgt) for 'pairs'. Blank lines are skipped.
 
-    A bad line (not UTF-8, invalid JSON, a missing, non-string or empty field) raises CorpusError
-    naming file:line, or with on_bad is passed to on_bad(path, lineno, reason) and skipped.
+    A bad line (not UTF-8, invalid JSON, a missing, non-string or empty field, NUL bytes) raises
+    CorpusError naming file:line, or with on_bad is passed to on_bad(path, lineno, reason) and
+    skipped. A tar's samples are read as raw text samples (data/rawtext.py; bad ones by key).
     start/end (plain files): only the lines that start at a byte in [start, end) (end -1: to the end).
     """
+    fields = (text_field,) if objective == "span" else (src_field, tgt_field)
+    if kind_of(path)[0] == "tar":
+        yield from _tar_records(path, fields, on_bad)
+        return
     jsonl = _is_jsonl(path)
     if objective == "pairs" and not jsonl:
-        raise CorpusError(f"{path}: pairs need JSONL with '{src_field}' and '{tgt_field}' fields")
-    fields = (text_field,) if objective == "span" else (src_field, tgt_field)
+        raise CorpusError(f"{path}: pairs need JSONL with '{src_field}' and '{tgt_field}' fields (or a tar)")
     with _open(path) as f:
         pos = 0
         if start > 0:
@@ -58,6 +104,21 @@ def read_records(path: str, objective: str, text_field: str = "text", src_field:
                 if on_bad is None:
                     raise CorpusError(f"{path}:{base + i}: {rec}")
                 on_bad(path, base + i, rec)
+
+
+def _tar_records(path: str, fields: tuple, on_bad) -> Iterator[tuple]:
+    """The samples of a webdataset tar as records: members by extension (.txt, .json and its fields)."""
+    try:
+        for key, raw in iter_samples(path):
+            rec = texts_of(raw, fields)
+            if isinstance(rec, tuple):
+                yield rec
+            elif on_bad is None:
+                raise CorpusError(f"{path}: sample {key}: {rec}")
+            else:
+                on_bad(path, f"sample {key}", rec)
+    except ShardError as e:
+        raise CorpusError(f"{path}: unreadable tar ({e})") from None
 
 
 def _lines_before(path: str, pos: int) -> int:
@@ -80,6 +141,8 @@ def _parse(raw: bytes, jsonl: bool, fields):
     except UnicodeDecodeError as e:
         return f"not valid UTF-8 ({e.reason} at byte {e.start})"
     line = line.rstrip("\r\n")
+    if "\0" in line:
+        return "NUL bytes (binary data, not text)"
     if not line.strip():
         return ""
     if not jsonl:

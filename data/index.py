@@ -15,7 +15,8 @@ import numpy as np
 from common.atomic import atomic_write
 from data.packed import INDEX_DTYPE, index_name
 from data.records import decode
-from data.sources import MANIFEST, DataError, iter_samples, load_manifest_at
+from data.sources import MANIFEST, DataError, load_manifest_at
+from data.tar import iter_samples
 
 
 def add_index(folder: str) -> dict:

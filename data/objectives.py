@@ -23,6 +23,15 @@ from data.tokenizer import EOS_ID, PAD_ID, SENTINEL_BASE
 
 IGNORE = -100
 
+# What each objective reads: "text" (documents: prepared {"ids": [...]}, raw .txt or .json[text_field])
+# or "pairs" (prepared {"src": [...], "tgt": [...]}, raw src_field + tgt_field). A new objective adds
+# its entry here and its example maker in data/stream.py (Layout.examples), as span and ul2 do.
+OBJECTIVES = {"pairs": "pairs", "span": "text", "ul2": "text"}
+
+
+def sample_kind(objective: str) -> str:
+    return OBJECTIVES[objective]
+
 
 def as_sentinel_ids(sentinels) -> np.ndarray:
     """A sentinel count (the ids SENTINEL_BASE.. of the project's own tokenizer) or the ids themselves

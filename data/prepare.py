@@ -1,5 +1,9 @@
 """`encdec prepare`: raw text -> tokenizer -> tokenized webdataset tar shards + length indexes + manifest.json.
 
+Inputs (data/corpus.py): plain text (one document per line), JSONL, or webdataset tars of text (a
+document per sample: .txt members, or a .json member's --text-field), compressed or not, told
+apart by their content; binary data is refused.
+
 Output folder (written under a temporary name, renamed when complete):
     tokenizer.json           the tokenizer (trained here on a bounded sample, or a copy of the one given)
     shard-000000.tar ...     webdataset shards; each sample is KEY.json = {"src": [ids], "tgt": [ids]}
@@ -33,6 +37,7 @@ from common.atomic import atomic_dir, atomic_write
 from data.corpus import CorpusError, read_records
 from data.packed import INDEX_DTYPE, doc_length, index_name
 from data.prepare_plan import BadLines, limit_text, make_plan, read_plan, work_dir
+from data.rawtext import encode
 from data.sources import MANIFEST
 from data.tokenizer import load_tokenizer
 
@@ -120,8 +125,7 @@ def _run_unit(work: str, plan: dict, u: int, tok, progress: bool) -> None:
         shards, lengths, n = [], [], 0
         with TarShards(tmp, shard_size) as writer:
             for batch in _batched(records, 1000):
-                encoded = [[e.ids for e in tok.encode_batch(list(col))] for col in zip(*batch)]
-                for row in zip(*encoded):
+                for row in encode(tok, batch):             # as the loader encodes raw text (rawtext.py)
                     if n % shard_size == 0:
                         _close_index(tmp, shards, lengths)
                         shards.append({"name": f"shard-{len(shards):06d}.tar", "num_samples": 0, "num_tokens": 0})

@@ -5,7 +5,6 @@ a Slurm array task) does the same work as one process would.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import shutil
 import numpy as np
 
 from common.atomic import atomic_write
-from data.corpus import CorpusError, _is_jsonl, _parse, read_records
+from data.corpus import CorpusError, _is_jsonl, _open, _parse, cuttable, kind_of, read_records
 from data.tokenizer import ensure_eos, load_tokenizer, sentinel_ids, tokenizer_hash, train_tokenizer
 
 PLAN = "plan.json"
@@ -66,13 +65,13 @@ def cut_units(inputs: list[str], unit_bytes: int) -> list[list[list[int]]]:
     """Units of work: lists of pieces [file index, first byte, end byte (-1: to the end)].
 
     Consecutive small files are grouped until a unit holds at least unit_bytes; a plain (not
-    gzipped) file larger than unit_bytes is cut into pieces of unit_bytes, one unit each (a piece
+    compressed, not a tar) file larger than unit_bytes is cut into pieces of unit_bytes, one unit each (a piece
     holds the lines that start inside it). The cut depends on the inputs only.
     """
     units, cur, size = [], [], 0
     for k, p in enumerate(inputs):
         n = os.path.getsize(p)
-        if n > unit_bytes and not p.endswith(".gz"):
+        if n > unit_bytes and cuttable(p):
             if cur:
                 units.append(cur)
                 cur, size = [], 0
@@ -94,10 +93,9 @@ def make_plan(inputs, out, objective, tokenizer, vocab_size, shard_size, fields,
     if not inputs:
         raise CorpusError("no input files given")
     for p in inputs:
-        if not os.path.isfile(p):
-            raise CorpusError(f"corpus file not found: {p}")
-        if objective == "pairs" and not _is_jsonl(p):
-            raise CorpusError(f"{p}: pairs need JSONL with '{fields[1]}' and '{fields[2]}' fields")
+        kind = kind_of(p)[0]                           # a missing or binary file is refused here
+        if objective == "pairs" and kind != "tar" and not _is_jsonl(p):
+            raise CorpusError(f"{p}: pairs need JSONL with '{fields[1]}' and '{fields[2]}' fields (or a tar)")
     if os.path.exists(out) and not overwrite:
         raise CorpusError(f"output folder exists: {out} (pass --overwrite to replace it)")
     if shard_size < 1:
@@ -151,7 +149,7 @@ def read_plan(work: str) -> dict:
 
 def sample_texts(inputs, objective, fields, budget: int, seed: int) -> list[str]:
     """At most ~budget bytes of text for tokenizer training: all of a corpus that fits, else windows
-    at seeded random offsets of each file (its share by size); gzipped files from their start."""
+    at seeded random offsets of each file (its share by size); compressed files and tars from their start."""
     sizes = [os.path.getsize(p) for p in inputs]
     if sum(sizes) <= budget:
         recs = (r for p in inputs for r in read_records(p, objective, *fields, on_bad=lambda *a: None))
@@ -161,8 +159,11 @@ def sample_texts(inputs, objective, fields, budget: int, seed: int) -> list[str]
         share = int(budget * size / sum(sizes))
         if share <= 0:
             continue
-        lines = _gz_lines(p, share) if p.endswith(".gz") else _window_lines(p, size, share, seed, k)
         fl = (fields[0],) if objective == "span" else tuple(fields[1:])
+        if kind_of(p)[0] == "tar":
+            out.extend(_tar_texts(p, objective, fields, share))
+            continue
+        lines = _window_lines(p, size, share, seed, k) if cuttable(p) else _head_lines(p, share)
         for raw in lines:
             rec = _parse(raw, _is_jsonl(p), fl)
             if isinstance(rec, tuple):
@@ -186,9 +187,18 @@ def _window_lines(path, size, share, seed, k):
             end = f.tell()
 
 
-def _gz_lines(path, share):
+def _tar_texts(path, objective, fields, share):
     got = 0
-    with gzip.open(path, "rb") as f:
+    for rec in read_records(path, objective, *fields, on_bad=lambda *a: None):
+        yield from rec
+        got += sum(len(t) for t in rec)
+        if got >= share:
+            return
+
+
+def _head_lines(path, share):
+    got = 0
+    with _open(path) as f:
         for raw in f:
             yield raw
             got += len(raw)

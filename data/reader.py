@@ -7,11 +7,17 @@ from itertools import islice
 
 import numpy as np
 
+from data.mixture import Component
+from data.objectives import sample_kind
 from data.packed import Block, EpochLayout, IndexCache, chunk_from_blocks, stream_range
 from data.packing import pack_block
+from data.rawtext import decode_raw
 from data.records import BadSamples, decode
-from data.sources import Shard, ShardError, iter_samples
+from data.sources import Shard
 from data.spec import StreamSpec
+from data.tar import ShardError, iter_samples
+
+RAW_BATCH = 128                # raw text samples tokenized per call
 
 
 def seeded_rng(*key: int) -> np.random.Generator:
@@ -33,20 +39,33 @@ def epoch_streams(shards: list[Shard], num_streams: int, L: int, seed: int, c: i
     return streams
 
 
-def read_docs(shard: Shard, skip: int, count: int, objective: str, bad: BadSamples, vocab: int = 0):
-    """Exactly `count` (key, doc or None) of a shard from sample `skip`; a short shard -> None for the rest."""
+def read_docs(shard: Shard, skip: int, count: int, comp: Component, bad: BadSamples, vocab: int = 0):
+    """Exactly `count` (key, doc or None) of a shard from sample `skip`; a short shard -> None for the rest.
+
+    Raw text (comp.raw) is tokenized here, a batch of samples per call."""
     n, why = 0, f"has fewer samples than its manifest says ({shard.num_samples})"
+    kind, batch = sample_kind(comp.objective), []
+
+    def flush():
+        nonlocal n
+        docs = (decode_raw(batch, comp.raw) if comp.raw else
+                [decode(raw, kind, shard.url, key, vocab) for key, raw in batch])
+        for (key, _), doc in zip(batch, docs):
+            if isinstance(doc, str):
+                bad.add(shard.url, skip + n, 1, doc)
+                doc = None
+            yield key, doc
+            n += 1
+        batch.clear()
     try:
         with closing(iter_samples(shard.url, skip)) as it:
-            for key, raw in islice(it, count):
-                doc = decode(raw, "pairs" if objective == "pairs" else "span", shard.url, key, vocab)
-                if isinstance(doc, str):
-                    bad.add(shard.url, skip + n, 1, doc)
-                    doc = None
-                yield key, doc
-                n += 1
+            for item in islice(it, count):
+                batch.append(item)
+                if len(batch) >= (RAW_BATCH if comp.raw else 1):
+                    yield from flush()
     except ShardError as e:
         why = str(e)
+    yield from flush()
     if n < count:
         bad.add(shard.url, skip + n, count - n, f"samples {skip + n}..{skip + count - 1} unreadable: {why}")
         for _ in range(count - n):
@@ -72,7 +91,7 @@ class StreamReader:
         return self._segs[e]
 
     def _segment_docs(self, shard: Shard, skip: int, count: int):
-        return read_docs(shard, skip, count, self.comp.objective, self.bad, self.spec.vocab_size)
+        return read_docs(shard, skip, count, self.comp, self.bad, self.spec.vocab_size)
 
     def _docs(self, e: int, lo: int, n: int) -> list:
         """Stream positions lo..lo+n-1 of epoch e; positions past the stream's samples are None (padding)."""
@@ -170,7 +189,7 @@ class PackedReader:
     def _read(self, e: int, lay: EpochLayout, lo: int, hi: int) -> list:
         if self._cur is None or self._cur[:2] != (e, lo):
             gen = (doc for i, a, b in lay.segments(lo, lay.N)
-                   for doc in read_docs(self.comp.shards[i], a, b - a, "span", self.bad, self.spec.vocab_size))
+                   for doc in read_docs(self.comp.shards[i], a, b - a, self.comp, self.bad, self.spec.vocab_size))
             self._cur = (e, lo, gen)
         docs = list(islice(self._cur[2], hi - lo))
         self._cur = (e, hi, self._cur[2])

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 
 from data.sources import DataError
+from data.tar import DUPLICATE
 from data.tokenizer import EOS_ID
 
 log = logging.getLogger("encdec.data")
@@ -63,7 +64,7 @@ def _int_list(body: bytes):
 
 def _fast_decode(data: bytes, objective: str):
     """The layout `encdec prepare` writes, parsed without building Python lists; None = use json."""
-    head, tail, mid = _FAST[objective]
+    head, tail, mid = _FAST["pairs" if objective == "pairs" else "span"]
     if not (data.startswith(head) and data.endswith(tail)):
         return None
     body = data[len(head):-len(tail)]
@@ -83,7 +84,9 @@ def _fast_decode(data: bytes, objective: str):
 def decode(raw: dict, objective: str, url: str, key: str, vocab: int = 0):
     """Raw tar sample -> token arrays, or a string saying what is wrong with it.
 
-    With vocab > 0, a token id >= vocab (data prepared with another tokenizer) makes it bad.
+    objective: "pairs" ({"src", "tgt"} -> a tuple of arrays with their </s>), else a document
+    ({"ids"} -> an array without its </s>). With vocab > 0, a token id >= vocab (data prepared
+    with another tokenizer) makes it bad.
     """
     out = _decode(raw, objective, key)
     if vocab > 0 and not isinstance(out, str):
@@ -97,6 +100,8 @@ def _decode(raw: dict, objective: str, key: str):
     data = raw.get("json")
     if data is None:
         return f"sample {key} has no .json member"
+    if DUPLICATE in raw:
+        return f"sample {key}: member .{raw[DUPLICATE]} appears twice"
     fast = _fast_decode(data, objective)
     if fast is not None:
         return fast
@@ -108,7 +113,7 @@ def _decode(raw: dict, objective: str, key: str):
         return f"sample {key}: .json member is not UTF-8"
     except ValueError as e:
         return f"sample {key}: invalid JSON ({e})"
-    fields = ("ids",) if objective == "span" else ("src", "tgt")
+    fields = ("src", "tgt") if objective == "pairs" else ("ids",)
     out = []
     for f in fields:
         v = rec.get(f) if isinstance(rec, dict) else None
@@ -116,7 +121,7 @@ def _decode(raw: dict, objective: str, key: str):
         if a is None or a.dtype.kind not in "iu" or a.ndim != 1 or a.min() < 0 or a.max() >= 2 ** 31:
             return f"sample {key}: '{f}' is missing, empty or not a list of token ids"
         out.append(a.astype(np.int32))
-    if objective == "span":
+    if objective != "pairs":
         ids = out[0][:-1] if out[0][-1] == EOS_ID else out[0]
         return ids if len(ids) else f"sample {key}: empty sample"
     return tuple(out)

@@ -1,4 +1,4 @@
-"""Where shards come from, and a streaming tar reader that notices truncation.
+"""Where shards come from (data/tar.py reads them).
 
 A source is one of
     /data/prepared                     a prepared folder (its manifest.json lists the shards)
@@ -6,10 +6,12 @@ A source is one of
     /data/shard-{000000..000099}.tar   a brace pattern (several patterns joined by '::'); local globs too
     pipe:curl -s https://host/shard-{000..099}.tar    a shell command per shard that writes the tar
     s3://bucket/shard-{000..099}.tar   any fsspec URL (s3://, gs://, https://, file://, memory://)
+    /data/shards                       a folder of webdataset shards without a manifest (its *.tar, *.tar.gz)
 For a pattern the per-shard sample counts come from a manifest: given explicitly, or the
 manifest.json next to the shards (for `pipe:` the last argument of the command is the shard's
-location). Everything here fails at start with one line naming the source: a pattern that
-matches nothing, a shard missing from the manifest, a local or fsspec shard that does not exist.
+location); a source with no manifest at all is counted by a scan (data/scan.py, data/resolve.py).
+Everything here fails at start with one line naming the source: a pattern that matches nothing,
+a shard missing from the manifest, a local or fsspec shard that does not exist.
 """
 from __future__ import annotations
 
@@ -18,16 +20,14 @@ import json
 import os
 import re
 import subprocess
-import zlib
 from dataclasses import dataclass
 
 import braceexpand
 
 from common.errors import UserError
 
-from data.procs import ignore_stop_signals
-
 MANIFEST = "manifest.json"
+TAR_FILES = ("*.tar", "*.tar.gz", "*.tgz")     # the shards of a folder without a manifest
 
 
 class DataError(UserError):
@@ -139,7 +139,7 @@ def unsafe_name(name) -> str:
     return ""
 
 
-def _exists_all(urls: list[str]) -> None:
+def exists_all(urls: list[str]) -> None:
     """Shards must exist: local ones each, fsspec ones by one listing per folder (http(s), which
     cannot be listed, by the first shard). `pipe:` commands, and the rest, are checked when read."""
     by_dir: dict[str, list[str]] = {}
@@ -167,6 +167,41 @@ def _exists_all(urls: list[str]) -> None:
             raise DataError(f"shard not found: {missing[0]}")
 
 
+def shard_urls(spec: str) -> list[str]:
+    """The shard URLs of a pattern, or of a local folder without a manifest (its *.tar, *.tar.gz, *.tgz)."""
+    if not is_url(spec) and os.path.isdir(spec):
+        urls = sorted({p for pat in TAR_FILES for p in glob.glob(os.path.join(glob.escape(spec), pat))})
+        if not urls:
+            raise DataError(f"no {MANIFEST} and no .tar shards in {spec} (give webdataset shards, or run "
+                            "`encdec prepare` first)")
+        return urls
+    urls = expand(spec)
+    local = [u for u in urls if not is_url(u)]
+    if not urls or (local and not any(os.path.isfile(u) for u in local)):
+        raise DataError(f"shard pattern matches nothing: {spec}")
+    return urls
+
+
+def find_manifest(spec: str, manifest: str = "") -> str:
+    """The manifest of a source: the one given, the source itself (a .json), the folder's, or the one
+    next to its shards; "" when there is none (shards written by another pipeline: data/scan.py)."""
+    if not spec:
+        raise DataError("no data source given")
+    if manifest or spec.endswith(".json"):
+        return manifest or spec
+    if not is_url(spec) and os.path.isdir(spec):
+        path = os.path.join(spec, MANIFEST)
+        return path if os.path.isfile(path) else ""
+    near = _join(_dirname(_location(shard_urls(spec)[0])), MANIFEST)
+    if not is_url(near):
+        return near if os.path.isfile(near) else ""
+    try:
+        read_bytes(near)
+    except DataError:
+        return ""
+    return near
+
+
 def source_manifest(spec: str, manifest: str = "") -> tuple[str, dict, list[str]]:
     """Source spec -> (manifest URL, manifest, shard URLs)."""
     if not spec:
@@ -180,10 +215,7 @@ def source_manifest(spec: str, manifest: str = "") -> tuple[str, dict, list[str]
         base = spec if local_dir else _dirname(_location(manifest))
         urls = [_join(base, s["name"]) for s in man["shards"]]
     else:                                                  # a pattern
-        urls = expand(spec)
-        local = [u for u in urls if not is_url(u)]
-        if not urls or (local and not any(os.path.isfile(u) for u in local)):
-            raise DataError(f"shard pattern matches nothing: {spec}")
+        urls = shard_urls(spec)
         manifest = manifest or _join(_dirname(_location(urls[0])), MANIFEST)
         man = load_manifest_at(manifest)
     return manifest, man, urls
@@ -204,163 +236,7 @@ def resolve_source(spec: str, manifest: str = "") -> list[Shard]:
         doc_tokens = e.get("doc_tokens")
         shards.append(Shard(u, int(e["num_samples"]), int(e.get("num_tokens", 0) or 0), index,
                             int(doc_tokens) if index and isinstance(doc_tokens, int) else -1))
-    _exists_all([s.url for s in shards])
+    exists_all([s.url for s in shards])
     if sum(s.num_samples for s in shards) == 0:
         raise DataError(f"no samples in {spec}")
     return shards
-
-
-# ----------------------------------------------------------------------------- reading tar shards
-
-class _Pipe:
-    """stdout of a shell command as a binary file; knows the command's exit status.
-
-    The command runs in its own session with the stop signals ignored: a USR1/TERM sent to the
-    job step (or Ctrl-C to the terminal) must not cut the shard short. It ends when the reader
-    closes it (SIGKILL) or its reader goes away (SIGPIPE)."""
-
-    def __init__(self, cmd: str):
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=1 << 20, start_new_session=True, preexec_fn=ignore_stop_signals)
-
-    def read(self, n: int) -> bytes:
-        return self.proc.stdout.read(n)
-
-    def status(self) -> str:
-        while self.proc.stdout.read(1 << 16):          # the tar's end padding
-            pass
-        rc = self.proc.wait()
-        if rc == 0:
-            return ""
-        err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-        return f"command exited with status {rc}" + (f": {err[-1]}" if err else "")
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-
-
-def open_stream(url: str):
-    if url.startswith("pipe:"):
-        return _Pipe(url[5:])
-    if not is_url(url) or url.startswith("file://"):
-        return open(_location(url), "rb", buffering=1 << 20)
-    return _fsspec().open(url, "rb").open()
-
-
-class ShardError(Exception):
-    """A shard that cannot be read to its end (missing, truncated, corrupt header)."""
-
-
-_ZERO = bytes(512)
-_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")      # key = path up to the first dot of the file name
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):                   # base-256 (GNU) for big sizes
-        return int.from_bytes(field[1:], "big")
-    s = field.rstrip(b"\0 ").strip()
-    return int(s, 8) if s else 0
-
-
-def _members(f, want):
-    """(name, payload bytes) of the regular files in a tar stream; payloads `want(name)` rejects are skipped."""
-    longname = None
-    while True:
-        hdr = f.read(512)
-        if hdr == _ZERO:
-            return
-        if not hdr:
-            raise ShardError("the tar ends without its end-of-archive marker (truncated)")
-        if len(hdr) < 512:
-            raise ShardError("truncated tar header")
-        try:
-            chk = _octal(hdr[148:156])
-            size = _octal(hdr[124:136])
-        except ValueError:
-            raise ShardError("corrupt tar header") from None
-        # the checksum is the header's byte sum with its own field as spaces; adler32's low half is 1 + that sum
-        adler = zlib.adler32(hdr[156:], zlib.adler32(b" " * 8, zlib.adler32(hdr[:148])))
-        if chk % 65521 != ((adler & 0xFFFF) - 1) % 65521:
-            raise ShardError("corrupt tar header (bad checksum)")
-        kind, padded = hdr[156:157], size + (-size % 512)
-        if kind in (b"0", b"\0", b"7"):
-            name = longname
-            if name is None:
-                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                    name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            longname = None
-            if want(name):
-                data = f.read(padded)
-                if len(data) < size:
-                    raise ShardError(f"truncated tar member {name}")
-                yield name, data[:size]
-            else:
-                _skip(f, padded)
-        elif kind in (b"L", b"x"):
-            data = f.read(padded)[:size]
-            if len(data) < size:
-                raise ShardError("truncated tar header")
-            if kind == b"L":
-                longname = data.rstrip(b"\0").decode("utf-8", "replace")
-            else:
-                m = re.search(rb"\d+ path=([^\n]*)\n", data)
-                longname = m.group(1).decode("utf-8", "replace") if m else None
-        else:
-            _skip(f, padded)
-
-
-def _skip(f, n: int):
-    if n and getattr(f, "seekable", lambda: False)():
-        f.seek(n, os.SEEK_CUR)
-    else:
-        while n > 0:
-            got = len(f.read(min(n, 1 << 20)))
-            if got == 0:
-                return
-            n -= got
-
-
-def iter_samples(url: str, skip: int = 0):
-    """(key, {ext: bytes}) of a tar shard in file order, from its `skip`-th sample on.
-
-    The payloads of skipped samples are not read (seeked past where the stream allows). Ends with
-    ShardError if the shard cannot be opened or ends inside a member; a shard that simply ends
-    early stops the iteration (the caller compares against the manifest's count).
-    """
-    state = {"key": None, "i": -1}
-
-    def want(name):
-        m = _KEY.match(name)
-        key = m.group(1) if m else name
-        if key != state["key"]:
-            state["key"], state["i"] = key, state["i"] + 1
-        return state["i"] >= skip
-
-    try:
-        f = open_stream(url)
-    except (OSError, ImportError, ValueError) as e:
-        raise ShardError(f"cannot open it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    try:
-        key, sample = None, {}
-        for name, data in _members(f, want):
-            m = _KEY.match(name)
-            k, ext = (m.group(1), m.group(2).lower()) if m else (name, "")
-            if k != key and key is not None:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = data
-        if key is not None:
-            yield key, sample
-    except ShardError as e:
-        if isinstance(f, _Pipe) and (msg := f.status()):
-            raise ShardError(f"{e}; {msg}") from None
-        raise
-    finally:
-        f.close()

@@ -1,4 +1,5 @@
-"""What a data stream is: its settings (StreamSpec) and the sizes of each dataset's epoch (Geometry).
+"""What a data stream is: its settings (StreamSpec: the run's DataConfig, its datasets, the batch,
+the vocabulary) and the sizes of each dataset's epoch (Geometry).
 
 Plain data, so a spec pickles into loader workers; data/reader.py reads one canonical stream of
 it and data/stream.py lays the streams out over ranks and workers.
@@ -6,68 +7,81 @@ it and data/stream.py lays the streams out over ranks and workers.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from data.config import DataConfig, uses
 from data.mixture import Component
-from data.objectives import as_sentinel_ids, raw_length_for, span_target_length
+from data.objectives import raw_length_for, span_target_length
 from data.packing import chunks_per_block, mean_doc_tokens
 from data.packed import has_index
 from data.sources import DataError
-from data.ul2 import Plan, parse_table
+from data.tokenizer import load_tokenizer, sentinel_ids, tokenizer_file
+from data.ul2 import Plan, default_table, mode_ids
 
 log = logging.getLogger("encdec.data")
 
 
+@dataclass(frozen=True)
+class Vocab:
+    """What the run's tokenizer decides for a stream (vocab_of): its size (> 0: ids at or above it
+    are bad samples), its <extra_id_0>, <extra_id_1>, ... ids and the UL2 denoisers' mode token ids
+    (-1 = none)."""
+    size: int
+    sentinel_ids: tuple
+    ul2_modes: tuple = ()
+
+
+def vocab_of(tokenizer: str, d: DataConfig) -> Vocab:
+    """The tokenizer (a tokenizer.json, a prepared folder or a Hugging Face folder) -> Vocab; the UL2
+    mode tokens of data.ul2 must be in it (DataError naming data.ul2[i].mode otherwise)."""
+    tok = load_tokenizer(tokenizer_file(tokenizer))
+    modes = mode_ids(d.ul2 or default_table(), tok.token_to_id) if uses(d, "ul2") else []
+    return Vocab(tok.get_vocab_size(), tuple(sentinel_ids(tok)), tuple(modes))
+
+
 @dataclass
 class StreamSpec:
-    """What a reader needs; plain data so it pickles into loader workers.
+    """What a reader needs: the run's data settings, its datasets, the batch and the vocabulary.
 
-    A single dataset is given by shards + objective; a mixture by components (mixture.Component).
+    Plain data, so it pickles into loader workers. Every setting is read from `data` (the run's
+    DataConfig), so no default here can disagree with the config's.
     """
-    shards: list | None = None
-    objective: str = "pairs"
-    num_streams: int = 8
-    shuffle_block: int = 1024
-    seed: int = 0
-    global_batch: int = 64
-    max_src_len: int = 128
-    max_tgt_len: int = 128
-    noise_density: float = 0.15
-    mean_span_length: float = 3.0
-    n_sentinels: int = 100       # the project's tokenizer: sentinel ids SENTINEL_BASE.. (when sentinel_ids is empty)
-    sentinel_ids: list = field(default_factory=list)   # a tokenizer's <extra_id_0>, <extra_id_1>, ... ids
-    shuffle: bool = True
-    pack: bool = True
-    bucket_window: int = 0
-    max_bad_samples: int = 100
-    vocab_size: int = 0                 # > 0: token ids at or above it are bad samples
-    pack_attention: bool = False        # packed span batches carry src_segments (document ids)
-    components: list = field(default_factory=list)
-    ul2: list = field(default_factory=list)          # objective ul2: the denoisers (data/ul2.py; empty = default)
-    ul2_modes: list = field(default_factory=list)    # their mode token ids (-1 = none; empty = none at all)
+    data: DataConfig
+    components: list                    # mixture.Component, one per dataset
+    global_batch: int
+    shuffle: bool                       # False: validation (one ordered pass)
+    vocab: Vocab
+
+    num_streams = property(lambda self: self.data.num_streams)
+    shuffle_block = property(lambda self: self.data.shuffle_block)
+    seed = property(lambda self: self.data.seed)
+    max_src_len = property(lambda self: self.data.max_src_len)
+    max_tgt_len = property(lambda self: self.data.max_tgt_len)
+    noise_density = property(lambda self: self.data.noise_density)
+    mean_span_length = property(lambda self: self.data.mean_span_length)
+    pack = property(lambda self: self.data.pack)
+    pack_attention = property(lambda self: self.data.pack_attention)
+    max_bad_samples = property(lambda self: self.data.max_bad_samples)
+    bucket_window = property(lambda self: self.data.bucket_window if self.shuffle else 0)
+    vocab_size = property(lambda self: self.vocab.size)
+    ul2_modes = property(lambda self: list(self.vocab.ul2_modes))
 
     def __post_init__(self):
         if not self.components:
-            if not self.shards:
-                raise DataError("no shards given")
-            self.components = [Component("", list(self.shards), self.objective)]
+            raise DataError("no shards given")
         if len(self.components) > 1 and self.global_batch % self.num_streams:
             raise DataError(f"a mixture needs the global batch ({self.global_batch}) to be a multiple of "
                             f"data.num_streams={self.num_streams}")
         if len(self.components) > 1 and not self.shuffle:
             raise DataError("validation data must be a single dataset, not a mixture")
-        self.sentinels = list(self.sentinel_ids) or self.n_sentinels
-        if any(c.objective != "pairs" for c in self.components) and not len(as_sentinel_ids(self.sentinels)):
+        self.sentinels = list(self.vocab.sentinel_ids)
+        if any(c.objective != "pairs" for c in self.components) and not self.sentinels:
             raise DataError("span corruption needs sentinel tokens, and the tokenizer has none "
                             "(no <extra_id_0>; use one with <extra_id_N> tokens, e.g. one `encdec prepare` trains)")
         self.ul2_plan = None
         if any(c.objective == "ul2" for c in self.components):
-            try:
-                table = parse_table(self.ul2)
-            except ValueError as e:
-                raise DataError(str(e)) from None
-            self.ul2_plan = Plan(table, self.ul2_modes, self.max_src_len, self.max_tgt_len,
-                                 len(as_sentinel_ids(self.sentinels)))
+            self.ul2_plan = Plan(self.data.ul2 or default_table(), self.ul2_modes, self.max_src_len,
+                                 self.max_tgt_len, len(self.sentinels))
         self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
         self.geometry = [Geometry(self, c) for c in self.components]
         self.epoch_positions = sum(g.E for g in self.geometry)

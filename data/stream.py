@@ -23,7 +23,7 @@ divides V, each reader opens only its own streams (V / (dp x workers) of them); 
 readers also read (and drop) parts of streams they share.
 
 The resumable state is {"epoch", "cursor"}: g = epoch * E + cursor (E = positions per epoch), at
-a step boundary. Resuming with another dp size or worker count continues with exactly the
+a step boundary (plus the counters' totals, DataStream.counters). Resuming with another dp size or worker count continues with exactly the
 positions not yet consumed. Span-corruption noise is drawn from an RNG keyed by (seed, dataset,
 epoch, cursor), so every example is byte-identical on any resume.
 
@@ -55,6 +55,7 @@ from data.sources import DataError, Shard, resolve_source
 from data.spec import StreamSpec
 
 __all__ = ["DataError", "DataStream", "Shard", "StreamSpec", "resolve_shards", "steps_in_epoch"]
+PACKING_STATS = ("dropped_tokens", "repeated_tokens")      # tokens the fallback packing (packing.py) drops / repeats
 
 
 def resolve_shards(spec: str, manifest: str = "") -> list[Shard]:
@@ -90,7 +91,7 @@ class Layout:
     def __init__(self, spec: StreamSpec):
         self.spec, self.V, self.G = spec, spec.num_streams, spec.global_batch
         self.bad = BadSamples(spec.max_bad_samples)
-        self.stats = {"dropped_tokens": 0, "repeated_tokens": 0}
+        self.stats = dict.fromkeys(PACKING_STATS, 0)
         multi = len(spec.components) > 1
         self.schedule = Schedule([c.weight for c in spec.components], spec.global_batch // spec.num_streams,
                                  spec.seed) if multi else None
@@ -246,18 +247,22 @@ class DataStream:
     """Endless iterator of micro-batches for one data-parallel rank; checkpointable.
 
     Each batch: src, src_mask, tgt_in, labels (tensors), keys, pad_frac (padding share of its
-    token slots). Counters for the trainer: skipped (bad samples seen by this rank's readers),
-    pad_frac (over every batch so far), stats (dropped / repeated packing tokens).
+    token slots). Counters: skipped (bad samples seen by this rank's readers), stats (dropped /
+    repeated packing tokens), pad_frac (over every batch so far); counters() sums the first two
+    over the data-parallel ranks with `reduce` (a collective summing a list of numbers over them;
+    None: this process alone), and the state (state_dict) holds those totals, restored on
+    data-parallel rank 0 (so the sums go on from them on any layout).
     """
 
-    def __init__(self, spec: StreamSpec, dp_rank: int, dp_size: int, micro_batch: int, num_workers: int = 0):
+    def __init__(self, spec: StreamSpec, dp_rank: int, dp_size: int, micro_batch: int, num_workers: int = 0,
+                 reduce=None):
         if spec.global_batch % (micro_batch * dp_size):
             raise DataError(f"global batch {spec.global_batch} is not a multiple of micro batch {micro_batch} "
                             f"x dp {dp_size}")
         self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
-        self.micro_batch, self.num_workers = micro_batch, num_workers
+        self.micro_batch, self.num_workers, self.reduce = micro_batch, num_workers, reduce
         self.g = 0                                      # next global position of this rank's micro-batches
-        self.skipped, self.stats = 0, {}
+        self.skipped, self.stats = 0, dict.fromkeys(PACKING_STATS, 0)
         self._real = self._slots = 0
         readers = dp_size * max(1, num_workers)
         if spec.num_streams % readers and dp_rank == 0 and spec.shuffle:
@@ -268,9 +273,18 @@ class DataStream:
     def pad_frac(self) -> float:
         return 1.0 - self._real / self._slots if self._slots else 0.0
 
+    def counters(self) -> dict:
+        """{"bad_samples", "packing": {name: tokens}} summed over the data-parallel ranks (collective
+        with `reduce`: every rank calls it)."""
+        vals = [float(self.skipped)] + [float(self.stats.get(k, 0)) for k in PACKING_STATS]
+        if self.reduce is not None:
+            vals = [float(v) for v in self.reduce(vals)]
+        return {"bad_samples": int(vals[0]), "packing": {k: int(v) for k, v in zip(PACKING_STATS, vals[1:])}}
+
     def state_dict(self) -> dict:
+        """The position and the counters' totals (collective with `reduce`, as counters())."""
         e, cursor = divmod(self.g, self.spec.epoch_positions)
-        return {"epoch": e, "cursor": cursor}
+        return {"epoch": e, "cursor": cursor, "counters": self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         g = int(state["epoch"]) * self.spec.epoch_positions + int(state["cursor"])
@@ -278,6 +292,9 @@ class DataStream:
             raise DataError(f"data state {state} is not at a micro-batch boundary of micro_batch "
                             f"{self.micro_batch} x dp {self.dp_size}")
         self.g = g
+        c = (state.get("counters") or {}) if self.dp_rank == 0 else {}     # the totals go on from rank 0
+        self.skipped = int(c.get("bad_samples", 0))
+        self.stats = {k: int((c.get("packing") or {}).get(k, 0)) for k in PACKING_STATS}
 
     def _parts(self):
         n_micro = None
@@ -311,7 +328,7 @@ class DataStream:
                 worker_bad[w] = st["bad"]
                 worker_stats[w] = {k: v for k, v in st.items() if k not in ("bad", "error")}
             self.skipped = base_bad + sum(worker_bad)
-            self.stats = {k: base_stats.get(k, 0) + sum(ws.get(k, 0) for ws in worker_stats) for k in worker_stats[0]}
+            self.stats = {k: base_stats.get(k, 0) + sum(ws.get(k, 0) for ws in worker_stats) for k in PACKING_STATS}
             if self.skipped > self.spec.max_bad_samples:
                 raise DataError(f"{self.skipped} bad samples on this rank, more than data.max_bad_samples="
                                 f"{self.spec.max_bad_samples} (see the log lines above)")

@@ -50,9 +50,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_sentinels: int = 
     return _with_post_processor(tok)
 
 
+def tokenizer_file(path: str) -> str:
+    """A tokenizer.json, or the one in a folder (prepared data, a Hugging Face model folder)."""
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+    path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer not found: {path}")
     tok = Tokenizer.from_file(path)
@@ -80,6 +84,13 @@ def ensure_eos(tok: Tokenizer) -> bool:
         return False
     _with_post_processor(tok)
     return True
+
+
+def text_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer raw text is encoded with: as `encdec prepare --tokenizer PATH` makes it (</s> appended)."""
+    tok = load_tokenizer(path)
+    ensure_eos(tok)
+    return tok
 
 
 def tokenizer_hash(path: str) -> str:

@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encdec", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("prepare", help="raw text/JSONL -> tokenizer + webdataset shards")
+    s = sub.add_parser("prepare", help="raw text / JSONL / webdataset tars of text -> tokenizer + webdataset shards")
     s.add_argument("inputs", nargs="*")
     s.add_argument("--out", required=True)
     s.add_argument("--workers", type=int, default=1, help="processes on this machine (same output as 1)")
@@ -148,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--add-tokens", help="comma-separated special tokens to add (e.g. UL2's \"[NLU],[NLG],[S2S]\")")
     s.add_argument("--vocab-size", type=int, default=8000)
     s.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
-    s.add_argument("--text-field", default="text")
+    s.add_argument("--text-field", "--text-key", dest="text_field", default="text",
+                   help="the JSON field holding the text (JSONL lines, a tar's .json members)")
     s.add_argument("--src-field", default="src")
     s.add_argument("--tgt-field", default="tgt")
     s.add_argument("--overwrite", action="store_true")

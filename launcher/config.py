@@ -16,39 +16,12 @@ import yaml
 
 from common.atomic import atomic_file
 from common.errors import UserError
-
-from data.mixture import parse_mixture
-from data.ul2 import parse_table
-from data.ul2 import Denoiser
+from data.config import DataConfig, check_data_config
 from model import ARCHS, ModelConfig, arch_of, get as get_arch, make_config
 
 
 class ConfigError(UserError):
     """A bad config value; the message names the key."""
-
-
-@dataclass
-class DataConfig:
-    train: str = ""                 # shard pattern (dir, brace pattern, pipe:, s3://...) or prepared dir
-    valid: str = ""                 # held-out shards; empty = no evaluation
-    objective: str = "pairs"        # pairs | span | ul2
-    max_src_len: int = 128          # encoder length (also the packing length for span)
-    max_tgt_len: int = 128
-    noise_density: float = 0.15     # span corruption: fraction of tokens masked
-    mean_span_length: float = 3.0
-    num_streams: int = 8            # canonical read streams; the data order depends on this, not on the layout
-    shuffle_block: int = 1024       # samples shuffled together inside a stream
-    num_workers: int = 1            # loader worker processes per rank
-    seed: int = 1234
-    max_bad_samples: int = 100      # skipped-and-logged bad samples before the run stops
-    train_manifest: str = ""        # manifest for a URL-pattern data.train ("" = manifest.json next to the shards)
-    valid_manifest: str = ""
-    mixture: list = field(default_factory=list)  # [{source, weight, objective, manifest, name}] instead of data.train
-    pack: bool = True               # span: concatenate documents to fill max_src_len
-    pack_attention: bool = False    # span packing: encoder tokens attend only inside their own document
-    bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
-    tokenizer: str = ""             # tokenizer.json, when data.train is not a local prepared folder
-    ul2: list[Denoiser] = field(default_factory=list)  # objective ul2: the denoisers (empty = data/ul2.py's default)
 
 
 @dataclass
@@ -274,6 +247,15 @@ def model_config_from_dict(m: dict) -> ModelConfig:
     return _build(ModelConfig, _migrate({"model": m})["model"], "model.")
 
 
+def data_config(raw: dict) -> DataConfig:
+    """A `data:` section (e.g. of an exported folder's config) -> a checked DataConfig, the config's defaults
+    for what it leaves out."""
+    d = _build(DataConfig, raw or {}, "data.")
+    for key, msg in check_data_config(d):
+        _check(False, key, msg)
+    return d
+
+
 def config_from_dict(d: dict) -> RunConfig:
     """A saved effective config (run folder, checkpoint, exported folder) -> validated RunConfig."""
     cfg = _build(RunConfig, _migrate(d), "")
@@ -300,28 +282,11 @@ def validate(cfg: RunConfig) -> None:
     m, t, d, o, p = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.parallel
     for key, msg in m.check():                              # the shared settings and the architecture's own
         _check(False, key, msg)
-    _check(d.objective in ("pairs", "span", "ul2"), "data.objective",
-           f"must be pairs, span or ul2, got {d.objective!r}")
+    for key, msg in check_data_config(d):                    # the data section (data/config.py)
+        _check(False, key, msg)
     _check(not d.pack_attention or arch_of(m).document_attention, "data.pack_attention",
            f"document-aware attention is not built for model.arch={m.arch} "
            f"({arch_of(m).meta.get('document_attention', 'no per-document masks')})")
-    if d.ul2 or d.objective == "ul2":
-        try:
-            parse_table(d.ul2)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    _check(0 < d.noise_density < 1, "data.noise_density", f"must be in (0, 1), got {d.noise_density}")
-    _check(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
-    _check(d.num_streams > 0, "data.num_streams", f"must be > 0, got {d.num_streams}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _check(d.bucket_window >= 0, "data.bucket_window", f"must be >= 0, got {d.bucket_window}")
-    _check(d.max_bad_samples >= 0, "data.max_bad_samples", f"must be >= 0, got {d.max_bad_samples}")
-    if d.mixture:
-        _check(not d.train, "data.mixture", "set either data.train or data.mixture, not both")
-        try:
-            parse_mixture(d.mixture, d.objective)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     _check(max(d.max_src_len, d.max_tgt_len) <= m.max_positions, "data.max_src_len",
            f"lengths {d.max_src_len}/{d.max_tgt_len} exceed model.max_positions={m.max_positions}")
     _check(t.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {t.precision!r}")

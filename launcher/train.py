@@ -30,7 +30,7 @@ def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Train
            "slurm": f"{env.local_world_size} Slurm tasks per node"}.get(env.launcher, "")
     check_local_gpus(env.local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), how)
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
-    inputs = resolve_inputs(cfg)
+    inputs = resolve_inputs(cfg, share=(env.rank, env.world_size))
     export_torch_env(for_this_process(env))
     trainer = Trainer(cfg, env, dims, inputs, stop=stop, faults=Faults.from_env())   # test switches, read once
     trainer.resume()

@@ -54,7 +54,8 @@ def _complete_state(tag_dir, z, tp, data, tokens_at_k):
     st = json.loads((tag_dir / "trainer_state.json").read_text())
     dp = 2 // tp
     assert st["format"] == "deepspeed" and st["step"] == K and st["tokens_seen"] == tokens_at_k
-    assert st["data"] == {"epoch": 0, "cursor": K * 8}                      # global batch 8 per step
+    assert st["data"] == {"epoch": 0, "cursor": K * 8,                      # global batch 8 per step
+                          "counters": {"bad_samples": 0, "packing": {"dropped_tokens": 0, "repeated_tokens": 0}}}
     assert st["layout"] == {"world_size": 2, "tp": tp, "dp": dp, "zero_stage": z}
     m = st["config"]["model"]                                                 # the effective config
     assert m["vocab_size"] == 360 and m["real_vocab_size"] == 359 and m["dropout"] == 0.1

@@ -32,6 +32,13 @@ def test_non_utf8_line(tmp_path):
     assert not any(x.name.startswith("o") for x in tmp_path.iterdir())
 
 
+def test_binary_input_is_refused(tmp_path):
+    p = tmp_path / "weights.txt"
+    p.write_bytes(b"a text-looking first line\n" + bytes(range(256)) * 8)
+    _one_error_line(run_cli(["prepare", str(p), "--out", str(tmp_path / "o")]), "weights.txt", "binary data", "NUL")
+    assert not any(x.name.startswith("o") for x in tmp_path.iterdir())
+
+
 def test_invalid_jsonl_field(tmp_path):
     p = tmp_path / "pairs.jsonl"
     p.write_text('{"src": "a", "tgt": "b"}\n{"src": "a"}\n')

@@ -6,8 +6,9 @@ import os
 import pytest
 
 from data.prepare import prepare
-from data.sources import iter_samples
-from data.stream import DataStream, StreamSpec, resolve_shards
+from data.tar import iter_samples
+from data.stream import DataStream, resolve_shards
+from tests.data_helpers import stream_spec
 from tests.conftest import ROOT, run_cli
 
 
@@ -62,7 +63,7 @@ def test_validation_data_with_another_tokenizer_is_refused(two_tokenizers, tmp_p
 
 
 def test_matching_tokenizers_pass_the_check(two_tokenizers):
-    from data.mixture import check_data
+    from data.resolve import check_data
     from launcher.config import load_config
     r = two_tokenizers
     cfg = load_config(os.path.join(ROOT, "configs", "test-tiny.yaml"),
@@ -73,7 +74,7 @@ def test_matching_tokenizers_pass_the_check(two_tokenizers):
 def test_token_ids_outside_the_vocabulary_are_bad_samples(two_tokenizers):
     """pairs_b read with the vocabulary of a smaller tokenizer: samples holding an id >= 380 are
     skipped and counted (placeholders), every batch keeps its ids below the vocabulary."""
-    spec = StreamSpec(shards=resolve_shards(str(two_tokenizers / "pairs_b")), objective="pairs", num_streams=2,
+    spec = stream_spec(shards=resolve_shards(str(two_tokenizers / "pairs_b")), objective="pairs", num_streams=2,
                       shuffle_block=16, global_batch=8, vocab_size=380, max_bad_samples=1000)
     s = DataStream(spec, 0, 1, micro_batch=8)
     it = iter(s)

@@ -8,7 +8,8 @@ import pytest
 import webdataset as wds
 
 from data.packed import INDEX_DTYPE, index_name
-from data.stream import Layout, StreamSpec, resolve_shards
+from data.stream import Layout, resolve_shards
+from tests.data_helpers import stream_spec
 from tests.test_data_stream import run
 
 
@@ -58,14 +59,14 @@ def epoch_counts(spec, n_ids):
 def test_skewed_grouped_corpus_loses_no_token(tmp_path, block):
     docs = skewed_docs()
     n = sum(len(d) for d in docs)
-    spec = StreamSpec(shards=resolve_shards(write_ids(str(tmp_path / "c"), docs, 1000)), objective="span",
+    spec = stream_spec(shards=resolve_shards(write_ids(str(tmp_path / "c"), docs, 1000)), objective="span",
                       num_streams=8, shuffle_block=block, seed=5, global_batch=8, max_src_len=512, max_tgt_len=128)
     assert spec.geometry[0].exact and spec.epoch_positions == -(-n // spec.raw_len)
     counts, _ = epoch_counts(spec, n)
     dropped, repeated = int((counts == 0).sum()), int(np.clip(counts - 1, 0, None).sum())
     assert dropped + repeated <= 0.001 * n, (dropped, repeated)
     # the old per-block chunk counts (a folder without indexes) lose a lot on this corpus: the check can fail
-    old = StreamSpec(shards=resolve_shards(write_ids(str(tmp_path / "o"), docs, 1000, index=False)),
+    old = stream_spec(shards=resolve_shards(write_ids(str(tmp_path / "o"), docs, 1000, index=False)),
                      objective="span", num_streams=8, shuffle_block=block, seed=5, global_batch=8,
                      max_src_len=512, max_tgt_len=128)
     assert not old.geometry[0].exact
@@ -85,7 +86,7 @@ def grouped(tmp_path_factory):
 
 
 def test_exact_packing_resumes_byte_identical_across_dp_and_workers(grouped):
-    spec = StreamSpec(shards=resolve_shards(grouped), objective="span", num_streams=6, shuffle_block=16, seed=3,
+    spec = stream_spec(shards=resolve_shards(grouped), objective="span", num_streams=6, shuffle_block=16, seed=3,
                       global_batch=12, max_src_len=48, max_tgt_len=40)
     steps = spec.epoch_positions // 12
     S = steps + 4                                            # crosses the epoch end
@@ -99,7 +100,7 @@ def test_exact_packing_resumes_byte_identical_across_dp_and_workers(grouped):
 
 
 def test_validation_covers_every_token_once(grouped):
-    spec = StreamSpec(shards=resolve_shards(grouped), objective="span", num_streams=3, shuffle_block=16,
+    spec = stream_spec(shards=resolve_shards(grouped), objective="span", num_streams=3, shuffle_block=16,
                       shuffle=False, global_batch=4, max_src_len=48, max_tgt_len=40)
     n = sum(s.doc_tokens for s in spec.components[0].shards)
     lay = Layout(spec)
@@ -115,7 +116,7 @@ def test_segment_ids_follow_the_documents(tmp_path):
     ids = np.arange(1000, 1000 + sum(lengths))
     docs = np.split(ids, np.cumsum(lengths)[:-1])
     doc_of = np.repeat(np.arange(len(docs)), lengths)
-    spec = StreamSpec(shards=resolve_shards(write_ids(str(tmp_path / "c"), docs, 40)), objective="span",
+    spec = stream_spec(shards=resolve_shards(write_ids(str(tmp_path / "c"), docs, 40)), objective="span",
                       num_streams=2, shuffle_block=8, seed=1, global_batch=8, max_src_len=48, max_tgt_len=40,
                       pack_attention=True)
     _, batches, _ = run(spec, dp=1, steps=6, mb=4)
@@ -130,7 +131,7 @@ def test_segment_ids_follow_the_documents(tmp_path):
             assert len({s for s, _ in pairs}) == len(pairs) == len({d for _, d in pairs})   # one document per id
             multi += len(pairs) > 1
     assert multi > 0
-    spec_off = StreamSpec(shards=spec.components[0].shards, objective="span", num_streams=2, shuffle_block=8, seed=1,
+    spec_off = stream_spec(shards=spec.components[0].shards, objective="span", num_streams=2, shuffle_block=8, seed=1,
                           global_batch=8, max_src_len=48, max_tgt_len=40)
     _, off, _ = run(spec_off, dp=1, steps=6, mb=4)
     assert all("src_segments" not in b and (a["src"] == b["src"]).all() for a, b in zip(batches, off))
@@ -146,14 +147,14 @@ def test_old_folder_gets_an_index(tmp_path):
     old = write_ids(str(tmp_path / "old"), docs, 40, index=False)
     new = write_ids(str(tmp_path / "new"), docs, 40)
     kw = dict(objective="span", num_streams=2, shuffle_block=8, global_batch=4, max_src_len=32, max_tgt_len=30)
-    assert not StreamSpec(shards=resolve_shards(old), **kw).geometry[0].exact
+    assert not stream_spec(shards=resolve_shards(old), **kw).geometry[0].exact
     r = subprocess.run([sys.executable, "-m", "data.index", old], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     with open(os.path.join(old, "manifest.json")) as f, open(os.path.join(new, "manifest.json")) as g:
         assert json.load(f)["shards"] == json.load(g)["shards"]
     for name in sorted(n for n in os.listdir(new) if n.endswith(".len")):
         assert open(os.path.join(old, name), "rb").read() == open(os.path.join(new, name), "rb").read(), name
-    assert StreamSpec(shards=resolve_shards(old), **kw).geometry[0].exact
+    assert stream_spec(shards=resolve_shards(old), **kw).geometry[0].exact
 
 
 def test_bad_documents_become_placeholders_and_nothing_moves(tmp_path):
@@ -165,8 +166,8 @@ def test_bad_documents_become_placeholders_and_nothing_moves(tmp_path):
     docs = np.split(ids, np.cumsum(lengths)[:-1])
     bad = {7: b'{"ids": [1, 2', 60: json.dumps({"ids": list(map(int, docs[60][:3])) + [1]}).encode()}
     kw = dict(objective="span", num_streams=3, shuffle_block=16, seed=2, global_batch=6, max_src_len=48, max_tgt_len=40)
-    good = StreamSpec(shards=resolve_shards(write_ids(str(tmp_path / "g"), docs, 50)), **kw)
-    spec = StreamSpec(shards=resolve_shards(write_ids(str(tmp_path / "b"), docs, 50, bad=bad)), **kw)
+    good = stream_spec(shards=resolve_shards(write_ids(str(tmp_path / "g"), docs, 50)), **kw)
+    spec = stream_spec(shards=resolve_shards(write_ids(str(tmp_path / "b"), docs, 50, bad=bad)), **kw)
     assert spec.epoch_positions == good.epoch_positions
     lay_g, lay_b = Layout(good), Layout(spec)
     n_none = 0

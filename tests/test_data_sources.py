@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data.mixture import check_data
+from data.resolve import check_data
 from data.sources import DataError, resolve_source
-from data.stream import DataStream, StreamSpec, steps_in_epoch
+from data.stream import DataStream, steps_in_epoch
+from tests.data_helpers import stream_spec
 from launcher.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def write_shards(folder, sizes, bad=None, seed=0):
 
 
 def epoch_keys(shards, num_workers=0, streams=2, **kw):
-    spec = StreamSpec(shards=shards, objective="pairs", num_streams=streams, shuffle_block=4, seed=0, global_batch=4,
+    spec = stream_spec(shards=shards, objective="pairs", num_streams=streams, shuffle_block=4, seed=0, global_batch=4,
                       max_src_len=16, max_tgt_len=8, **kw)
     s = DataStream(spec, 0, 1, micro_batch=2, num_workers=num_workers)
     it = iter(s)

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from data.sources import DataError, resolve_source
-from data.stream import DataStream, StreamSpec, steps_in_epoch
+from data.stream import DataStream, steps_in_epoch
+from tests.data_helpers import stream_spec
 from tests.conftest import run_cli
 from tests.test_data_sources import write_shards
 
@@ -63,7 +64,7 @@ def test_plain_relative_names_in_subfolders_still_work(shards_dir):
 
 
 def _epoch(shards, workers):
-    spec = StreamSpec(shards=shards, objective="pairs", num_streams=4, shuffle_block=4, seed=0, global_batch=4,
+    spec = stream_spec(shards=shards, objective="pairs", num_streams=4, shuffle_block=4, seed=0, global_batch=4,
                       max_src_len=16, max_tgt_len=8, max_bad_samples=0)
     s = DataStream(spec, 0, 1, micro_batch=2, num_workers=workers)
     it = iter(s)

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from data.corpus import CorpusError
 from data.prepare import prepare
 from data.sources import DataError
-from data.stream import DataStream, StreamSpec, resolve_shards
+from data.stream import DataStream, resolve_shards
+from tests.data_helpers import stream_spec
 from data.tokenizer import EOS_ID, load_tokenizer, sentinel_ids
 from tests.test_objectives import _reassemble
 
@@ -49,7 +50,7 @@ def test_t5_style_sentinels_reassemble_the_text(tmp_path):
     ids = sentinel_ids(tok)
     V = tok.get_vocab_size()
     assert ids == list(range(V - 1, V - 21, -1))              # <extra_id_0> is the last id, counting down
-    spec = StreamSpec(shards=resolve_shards(str(tmp_path / "out")), objective="span", num_streams=2,
+    spec = stream_spec(shards=resolve_shards(str(tmp_path / "out")), objective="span", num_streams=2,
                       shuffle_block=8, seed=3, global_batch=4, max_src_len=96, max_tgt_len=64,
                       noise_density=0.3, mean_span_length=2.0, sentinel_ids=ids, pack=False)
     encoded = [(tok.encode(d).ids[:-1], d) for d in docs]
@@ -84,5 +85,5 @@ def test_tokenizer_without_sentinels_is_refused(tmp_path):
     assert tok.encode(docs[0]).ids[-1] == EOS_ID
     # and a span stream over such a tokenizer's (empty) sentinel list fails with one clear line
     with pytest.raises(DataError, match="sentinel"):
-        StreamSpec(shards=resolve_shards(str(tmp_path / "pairs")), objective="span", sentinel_ids=[], n_sentinels=0,
+        stream_spec(shards=resolve_shards(str(tmp_path / "pairs")), objective="span", sentinel_ids=[],
                    num_streams=2, global_batch=4, max_src_len=32, max_tgt_len=32)

@@ -6,7 +6,8 @@ import pytest
 
 from data.objectives import collate, span_corrupt
 from data.prepare import prepare
-from data.stream import DataStream, StreamSpec, resolve_shards
+from data.stream import DataStream, resolve_shards
+from tests.data_helpers import stream_spec
 from data.tokenizer import EOS_ID, SENTINEL_BASE, load_tokenizer
 
 
@@ -55,9 +56,9 @@ def test_text_to_shards_to_batches_recovers_token_ids(tmp_path):
     expect = {}
     for i, r in enumerate(rows):
         expect[f"{i:010d}"] = (tok.encode(r["src"]).ids, tok.encode(r["tgt"]).ids)
-    spec = StreamSpec(shards=resolve_shards(str(tmp_path / "out")), objective="pairs", num_streams=3,
+    spec = stream_spec(shards=resolve_shards(str(tmp_path / "out")), objective="pairs", num_streams=3,
                       shuffle_block=4, seed=0, global_batch=4, max_src_len=64, max_tgt_len=64,
-                      noise_density=0.15, mean_span_length=3.0, n_sentinels=100)
+                      noise_density=0.15, mean_span_length=3.0)
     stream = iter(DataStream(spec, dp_rank=0, dp_size=1, micro_batch=4))
     seen = 0
     for _ in range(9):                                 # 36 // 3 streams = 12 per stream -> 36 -> 9 batches

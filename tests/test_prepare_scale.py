@@ -11,7 +11,7 @@ import pytest
 
 from data.prepare import merge, prepare, run_slice
 from data.prepare_plan import cut_units, sample_texts, work_dir
-from data.sources import iter_samples
+from data.tar import iter_samples
 from tests.conftest import run_cli
 from tests.slurm_helpers import CPU_ARGS, ROOT, read_text, wait_job
 

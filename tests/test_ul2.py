@@ -7,7 +7,8 @@ import pytest
 
 from data.prepare import prepare
 from data.sources import DataError
-from data.stream import Layout, StreamSpec, resolve_shards
+from data.stream import Layout, resolve_shards
+from tests.data_helpers import stream_spec
 from data.tokenizer import load_tokenizer, sentinel_ids
 from data.ul2 import Denoiser, mode_ids
 from tests.test_data_stream import WORDS, run
@@ -32,9 +33,9 @@ def corpus(tmp_path_factory):
 def _spec(corpus, **kw):
     tok = corpus["tok"]
     base = dict(num_streams=4, shuffle_block=64, seed=5, global_batch=8, max_src_len=64, max_tgt_len=64,
-                sentinel_ids=sentinel_ids(tok), ul2=TABLE, ul2_modes=mode_ids(TABLE, tok.token_to_id))
+                bucket_window=0, sentinel_ids=sentinel_ids(tok), ul2=TABLE, ul2_modes=mode_ids(TABLE, tok.token_to_id))
     base.update(kw)
-    return StreamSpec(shards=resolve_shards(corpus["span"]), objective="ul2", **base)
+    return stream_spec(shards=resolve_shards(corpus["span"]), objective="ul2", **base)
 
 
 def _check(ex, row, d, plan, sentinels, modes):
@@ -101,8 +102,9 @@ def test_ul2_resumes_exactly_from_dp2_to_dp1(corpus):
 
 
 def test_bad_tables_are_refused(corpus):
-    with pytest.raises(DataError, match=r"data.ul2\[0\].kind"):
-        _spec(corpus, ul2=[{"kind": "mask"}], ul2_modes=[])
+    from launcher.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"data.ul2\[0\].kind"):
+        load_config(None, ["data.objective=ul2", "data.ul2=[{kind: mask}]"])
     with pytest.raises(DataError, match=r"data.ul2\[1\].*max_tgt_len"):
         _spec(corpus, ul2=[Denoiser(mode=""), Denoiser("X", "span", 3.0, 0.5, "")], ul2_modes=[], max_tgt_len=24)
     with pytest.raises(DataError, match=r"data.ul2\[0\].mode"):

@@ -79,6 +79,15 @@ def read_state(tag_dir: str) -> dict:
     for k in ("format", "step", "config"):
         if k not in st:
             raise CheckpointError(f"checkpoint file {p} is corrupt: key '{k}' missing")
+    return upgrade_state(st)
+
+
+def upgrade_state(st: dict) -> dict:
+    """A state written by older code, in today's layout: the data counters (bad samples, packing
+    stats) were the top-level "data_counters", they are now part of the stream's state "data"."""
+    old = st.pop("data_counters", None)
+    if old and isinstance(st.get("data"), dict) and "counters" not in st["data"]:
+        st["data"] = {**st["data"], "counters": old}
     return st
 
 

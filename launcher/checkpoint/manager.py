@@ -3,7 +3,8 @@
 A CheckpointManager saves and restores the trainer's named parts:
     engine     DeepSpeed's files (model, optimizer, LR scheduler)   per ZeRO/TP rank
     scheduler  also in trainer_state.json (read when resharding)
-    data       the stream position {"epoch", "cursor"}              trainer_state.json "data"
+    data       the stream's position {"epoch", "cursor"} and       trainer_state.json "data"
+               counters' totals {"counters"} (a collective)
     train      step, tokens seen                                    trainer_state.json top level
 plus every rank's RNG (rng-rankNNNN.pt), the effective config, the layout and the tokenizer
 (the on-disk format: format.py).
@@ -180,6 +181,7 @@ class CheckpointManager:
     def save(self, engine, scheduler, data, train) -> str:
         """Collective: writes checkpoint step<train.step>; returns its folder."""
         step = train.state_dict()["step"]
+        data_state = data.state_dict()                      # collective: the data counters' totals
         # never a checkpoint from non-finite state: `latest` (and what `keep` keeps) stays good
         _all_ok(None if _params_finite(engine) else
                 f"refusing to save checkpoint step {step}: rank {self.rank} has non-finite parameters")
@@ -226,7 +228,7 @@ class CheckpointManager:
         err = None
         if rank == 0:
             try:
-                self._publish(engine, scheduler, data, train, tag, part_dir, final_dir, all_files)
+                self._publish(engine, scheduler, data_state, train, tag, part_dir, final_dir, all_files)
             except (OSError, RuntimeError) as e:
                 shutil.rmtree(part_dir, ignore_errors=True)
                 err = failed(e)
@@ -249,13 +251,13 @@ class CheckpointManager:
             written = [os.path.join(part_dir, f) for f in os.listdir(part_dir)]
         return {os.path.relpath(p, part_dir): file_digest(p) for p in written}
 
-    def _publish(self, engine, scheduler, data, train, tag, part_dir, final_dir, all_files) -> None:
+    def _publish(self, engine, scheduler, data_state, train, tag, part_dir, final_dir, all_files) -> None:
         """Rank 0: trainer_state.json, TAG.partial -> TAG, then `latest`, then pruning."""
         root, rank = self.root, self.rank
         tok = os.path.join(part_dir, "tokenizer.json")
         shutil.copyfile(self.tokenizer_path, tok)
         all_files["tokenizer.json"] = file_digest(tok)
-        state = {"format": "deepspeed", "format_version": 1, **train.state_dict(), "data": data.state_dict(),
+        state = {"format": "deepspeed", "format_version": 1, **train.state_dict(), "data": data_state,
                  "layout": self.layout, "config": config_to_dict(self.cfg),
                  "scheduler": _jsonable(scheduler.state_dict()) if scheduler else None,
                  "optimizer_param_names": self._optimizer_param_names(engine), "files": all_files}

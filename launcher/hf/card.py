@@ -59,7 +59,7 @@ def _fmt(v) -> str:
 def card_data(cfg, state: dict, run_dir: str, class_name: str, n_params: int) -> dict:
     """Everything the card shows, as plain data (the test compares it with the run's files)."""
     d = cfg.data
-    sources = [d.train] if d.train else [e.get("source", "") for e in d.mixture if isinstance(e, dict)]
+    sources = [d.train] if d.train else [e.source for e in d.mixture]
     rows = _metrics(run_dir, int(state.get("step", 0)))
     return {"class": class_name, "arch": cfg.model.arch, "parameters": n_params, "step": int(state.get("step", 0)),
             "tokens_seen": int(state.get("tokens_seen", 0)), "objective": d.objective,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +27,11 @@ import yaml
 
 from common.atomic import atomic_write
 from common.errors import UserError
-from data.mixture import Component
 from data.objectives import collate
-from data.sources import resolve_source
-from data.spec import StreamSpec
+from data.resolve import Where, component, fields_of
+from data.spec import StreamSpec, vocab_of
 from data.stream import DataStream
-from data.tokenizer import load_tokenizer, sentinel_ids
-from data.ul2 import mode_ids, parse_table
-from launcher.config import TrainConfig
+from launcher.config import TrainConfig, data_config
 from launcher.hf.card import CONFIG_FILE
 from launcher.hf.generate import WINDOW_BATCHES, Loaded, fit_new_tokens, folder_config, generate_ids, load
 from launcher.hf.progress import Progress
@@ -51,18 +49,13 @@ def _settings(model_dir: str) -> dict:
 
 
 def _spec(model_dir: str, data: str, objective: str | None, batch_size: int):
-    d = _settings(model_dir)
-    objective = objective or d.get("objective") or "pairs"
-    tok = load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
-    table = parse_table(d.get("ul2") or [])
-    modes = mode_ids(table, tok.token_to_id) if objective == "ul2" else []
-    return StreamSpec(components=[Component("", resolve_source(data, ""), objective)],
-                      num_streams=int(d.get("num_streams", 8)), shuffle_block=int(d.get("shuffle_block", 1024)),
-                      seed=int(d.get("seed", 1234)), global_batch=batch_size,
-                      max_src_len=int(d.get("max_src_len", 128)), max_tgt_len=int(d.get("max_tgt_len", 128)),
-                      noise_density=float(d.get("noise_density", 0.15)),
-                      mean_span_length=float(d.get("mean_span_length", 3.0)), sentinel_ids=sentinel_ids(tok),
-                      ul2=table, ul2_modes=modes, shuffle=False, pack=bool(d.get("pack", True)), bucket_window=0)
+    """The trainer's validation stream settings: the run's data section (data.objective overridden by
+    `objective`), the folder's tokenizer, DATA resolved as data.valid is."""
+    d = data_config({**_settings(model_dir), **({"objective": objective} if objective else {})})
+    tok = os.path.join(model_dir, "tokenizer.json")
+    where = Where(d.scan_cache, os.path.join(tempfile.gettempdir(), "encdec-scan"))   # raw shards: their counts
+    comp = component("", data, "", d.objective, 1.0, fields_of(d, d.objective), tok, where)
+    return StreamSpec(d, [comp], batch_size, False, vocab_of(tok, d))
 
 
 def eval_generate_default(model_dir: str) -> int:

@@ -1,52 +1,48 @@
 """A run's inputs, resolved once per start: data sources, manifests, the tokenizer and the vocabulary.
 
 resolve_inputs(cfg) finds every shard and manifest of data.train / data.mixture and data.valid
-(one clear error if any is missing), finds the tokenizer and fills the model's vocabulary sizes
-into cfg.model (so the config saved in the run folder and in every checkpoint is complete).
-The streams of training and evaluation are then built from these resolved parts, never again
-from the config's paths.
+(one clear error if any is missing; sources without a manifest are scanned, data/scan.py), finds
+the tokenizer and fills the model's vocabulary sizes into cfg.model (so the config saved in the
+run folder and in every checkpoint is complete). The streams of training and evaluation are then
+built from these resolved parts, never again from the config's paths.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
-from data.mixture import Component, check_data, find_tokenizer
+from data.mixture import Component
+from data.resolve import Where, check_data
 from data.sources import DataError
+from data.spec import StreamSpec, Vocab, vocab_of
 from data.stream import DataStream
-from data.spec import StreamSpec
-from data.ul2 import mode_ids, parse_table
-from data.tokenizer import load_tokenizer, sentinel_ids
 from launcher.config import ConfigError, RunConfig
 from model import ModelConfig, padded_vocab
 
 
 @dataclass
 class Inputs:
-    tokenizer_path: str
-    vocab: int                      # tokenizer size (the real vocabulary)
-    n_sentinels: int
+    tokenizer_path: str             # the run's tokenizer.json
+    vocab: Vocab                    # its size, sentinel ids, UL2 mode ids
     train: list[Component]
     valid: list[Component] | None   # None: no evaluation data
-    sentinel_ids: list = dataclasses.field(default_factory=list)   # the tokenizer's <extra_id_0>, ... ids
-    ul2_modes: list = dataclasses.field(default_factory=list)      # data.ul2's mode token ids (-1: none)
 
-    def stream(self, cfg: RunConfig, which: str, dp_rank: int, dp: int, global_batch: int | None = None
-               ) -> DataStream:
-        """The data stream of one data-parallel rank: which = "train" (shuffled) or "valid" (in order)."""
-        d, shuffle = cfg.data, which == "train"
-        components = self.train if shuffle else self.valid
+    def spec(self, cfg: RunConfig, which: str, global_batch: int | None = None) -> StreamSpec:
+        """The stream settings of which = "train" (shuffled) or "valid" (in order): the one builder."""
+        components = self.train if which == "train" else self.valid
         if components is None:
             raise ConfigError("config key 'data.valid': no validation data given")
-        spec = StreamSpec(components=components, num_streams=d.num_streams, shuffle_block=d.shuffle_block,
-                          seed=d.seed, global_batch=global_batch or cfg.train.global_batch_size,
-                          max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len, noise_density=d.noise_density,
-                          mean_span_length=d.mean_span_length, n_sentinels=self.n_sentinels,
-                          sentinel_ids=self.sentinel_ids, ul2=d.ul2, ul2_modes=self.ul2_modes, shuffle=shuffle,
-                          pack=d.pack, bucket_window=d.bucket_window, max_bad_samples=d.max_bad_samples,
-                          vocab_size=self.vocab, pack_attention=d.pack_attention)
-        return DataStream(spec, dp_rank, dp, cfg.train.micro_batch_size, d.num_workers)
+        return StreamSpec(cfg.data, components, global_batch or cfg.train.global_batch_size, which == "train",
+                          self.vocab)
+
+    def stream(self, cfg: RunConfig, which: str, dp_rank: int, dp: int, global_batch: int | None = None,
+               reduce=None) -> DataStream:
+        """The data stream of one data-parallel rank; reduce: sums a list of numbers over the
+        data-parallel ranks (its counters' totals, DataStream.counters)."""
+        return DataStream(self.spec(cfg, which, global_batch), dp_rank, dp, cfg.train.micro_batch_size,
+                          cfg.data.num_workers, reduce=reduce)
 
 
 def model_config(cfg: RunConfig, vocab: int) -> ModelConfig:
@@ -56,21 +52,20 @@ def model_config(cfg: RunConfig, vocab: int) -> ModelConfig:
     return dataclasses.replace(m, real_vocab_size=vocab, vocab_size=padded_vocab(vocab, mult))
 
 
-def resolve_inputs(cfg: RunConfig) -> Inputs:
-    """Resolves every source and the tokenizer (errors name the key or file); fills cfg.model's vocabulary."""
-    train, valid = check_data(cfg.data)
+def resolve_inputs(cfg: RunConfig, share: tuple[int, int] = (0, 1)) -> Inputs:
+    """Resolves every source and the tokenizer (errors name the key or file); fills cfg.model's vocabulary.
+
+    share: (rank, world size) of the processes resolving the same run now (they split a first scan)."""
+    where = Where(cfg.data.scan_cache, os.path.join(cfg.out_dir, "data-scan"), share)
     try:
-        tok_path = find_tokenizer(cfg.data)
+        found = check_data(cfg.data, where)
     except DataError as e:
-        raise ConfigError(str(e)) from None
-    tok = load_tokenizer(tok_path)
-    cfg.model = model_config(cfg, tok.get_vocab_size())
-    modes = []
-    if any(c.objective == "ul2" for c in train + (valid or [])):
-        try:
-            modes = mode_ids(parse_table(cfg.data.ul2), tok.token_to_id)
-        except DataError as e:
-            raise ConfigError(f"{e} ({tok_path})") from None
-    ids = sentinel_ids(tok)
-    return Inputs(tokenizer_path=tok_path, vocab=tok.get_vocab_size(), n_sentinels=len(ids),
-                  train=train, valid=valid, sentinel_ids=ids, ul2_modes=modes)
+        if str(e).startswith("config key"):
+            raise ConfigError(str(e)) from None
+        raise
+    try:
+        vocab = vocab_of(found.tokenizer, cfg.data)
+    except DataError as e:
+        raise ConfigError(f"{e} ({found.tokenizer})") from None
+    cfg.model = model_config(cfg, vocab.size)
+    return Inputs(tokenizer_path=found.tokenizer, vocab=vocab, train=found.train, valid=found.valid)

@@ -47,20 +47,18 @@ from model import count_parameters
 
 @dataclass
 class TrainState:
-    """The loop's own counters and the step guard's (saved at the top level of trainer_state.json)."""
+    """The loop's own counters and the step guard's (saved at the top level of trainer_state.json;
+    the data counters are the stream's own state)."""
     step: int = 0
     tokens_seen: int = 0
     guard: StepGuard = field(default_factory=lambda: StepGuard(0))
-    data_counters: dict = field(default_factory=dict)   # bad samples, packing stats: data-parallel totals
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, **self.guard.state_dict(),
-                "data_counters": dict(self.data_counters)}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, **self.guard.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens_seen = int(d["step"]), int(d.get("tokens_seen", 0))
         self.guard.load_state_dict(d)
-        self.data_counters = dict(d.get("data_counters") or {})
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -99,7 +97,7 @@ class Trainer:
         self.step_fn = TrainStep(cfg, self.mesh, self.device, self.accum, self.state.guard,
                                  watchdog=self.watchdog, faults=faults, rank=env.rank)
         self.engine, self.scheduler = self.step_fn.engine, self.step_fn.scheduler
-        self.stream = inputs.stream(cfg, "train", self.dp_rank, self.dp)
+        self.stream = inputs.stream(cfg, "train", self.dp_rank, self.dp, reduce=self._dp_sum)
         self.checkpoints = CheckpointManager(cfg, env, self.mesh, inputs.tokenizer_path, faults)
         self.monitor = Monitor(cfg, cfg.out_dir, self.is_rank0, extra_config={
             "world_size": env.world_size, "dp": self.dp, "tp": cfg.parallel.tp, "accum": self.accum,
@@ -136,20 +134,20 @@ class Trainer:
     def resume(self) -> str | None:
         """Continues from checkpoint.resume (the run's latest, a tag, or a Hugging Face folder), if any."""
         self.watchdog.beat(self.step, "resume")
-        out = self.checkpoints.resume(**self.stateful())
-        c = self.state.data_counters
-        if c and self.dp_rank == 0:                     # totals restored once (on data-parallel rank 0)
-            self.stream.skipped = int(c.get("bad_samples", 0))
-            self.stream.stats = {k: int(v) for k, v in c.get("packing", {}).items()}
+        out = self.checkpoints.resume(**self.stateful())     # the stream's counters come back with its position
         self.watchdog.beat(self.step, "data")
         return out
 
+    def _dp_sum(self, values: list) -> list:
+        """Collective: numbers summed over the data-parallel ranks (each counted once: TP ranks of a
+        group read the same data and are not summed); the stream's counters use it."""
+        return all_reduce(torch.tensor(values, dtype=torch.float64), self.device, self.dp_group).tolist()
+
     def _reduce(self, extra: list[float] = (), device_values: list[torch.Tensor] = ()) -> tuple[dict, list, list]:
-        """Collective: the data counters (bad samples, packing stats) summed over the data-parallel
-        ranks (each counted once: TP ranks of a group read the same data and are not summed), with
-        the sums of `extra` (this rank's numbers), and `device_values` read back with them, in one
-        host read. Also moves the device token count into state.tokens_seen.
-        -> (data totals, summed extra, device values)."""
+        """Collective: the stream's counters (bad samples, packing stats) summed over the data-parallel
+        ranks as DataStream.counters() sums them, with the sums of `extra` (this rank's numbers), and
+        `device_values` read back with them, in one host read. Also moves the device token count into
+        state.tokens_seen. -> (data totals, summed extra, device values)."""
         keys = sorted(self.stream.stats)
         host = [float(self.stream.skipped)] + [float(self.stream.stats[k]) for k in keys] + [float(x) for x in extra]
         red = all_reduce(torch.tensor(host, dtype=torch.float64), self.device, self.dp_group)
@@ -166,7 +164,9 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         self.watchdog.beat(self.step, "checkpoint")
-        self.state.data_counters, _, _ = self._reduce()
+        tgt, src = self._pending.tolist()               # every token counted so far, in the state saved
+        self._pending.zero_()
+        self.state.tokens_seen += int(tgt + src)
         return self.checkpoints.save(**self.stateful())
 
     # ------------------------------------------------------------------ steps
