@@ -26,7 +26,7 @@ same torch AdamW as the bare loop, so this is the trainer's own cost; at ZeRO 1-
 DeepSpeed's partitioned optimizer, which buys memory only with more than one data-parallel rank), peak memory, and MFU where the device's peak is known
 (launcher/flops.py; ENCDEC_PEAK_FLOPS sets it on any device). Peak memory is measured for
 each contender alone, from building it to the end of its first step, as the peak of live tensor
-bytes (launcher/planner/measure.PeakMemory: every storage an operator creates, counted until it
+bytes (bench/measure.PeakMemory: every storage an operator creates, counted until it
 is freed), on CPU and GPU alike; on GPUs torch.cuda.max_memory_allocated of that phase too.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 from launcher.monitor import flops  # noqa: E402
 from launcher.parallel import ParallelDims  # noqa: E402
-from launcher.planner.measure import PeakMemory  # noqa: E402
+from bench.measure import PeakMemory  # noqa: E402
 from launcher.precision import precision_of  # noqa: E402
 from launcher.training.engine import build_optimizer  # noqa: E402
 from launcher.training.guard import StepGuard  # noqa: E402

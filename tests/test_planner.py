@@ -1,7 +1,7 @@
 """The planner against DeepSpeed's estimators, and against real steps: peak tensor memory and
 the bytes of every collective, measured per rank on 2 CPU ranks (gloo) for several layouts.
 
-Memory is measured with launcher/planner/measure.PeakMemory (live tensor storage bytes):
+Memory is measured with bench/measure.PeakMemory (live tensor storage bytes):
   total        from the trainer engine's construction to the end of its second step (the trainer's
                TrainStep on a build_engine engine), vs the planner's peak (peak_bytes: held states
                + the larger of activations+loss and the step's transient gradients), on 2 ranks and,
