@@ -7,6 +7,7 @@ Parts (each a subprocess with its own timeout; a part that fails or times out le
   1b     configs/1b.yaml on one GPU (tp 1, micro-batch 16, no checkpointing), bf16: trainers at ZeRO
          1, 0, 2, 3 and the bare loop, the ZeRO-1 trainer compiled; MFU
   eval   bench/inference.py on transformer-base: `encdec eval` / `generate` on the GPU, fp32 and bf16
+  precision (only when asked) bench/precision.py: bf16 by autocast vs DeepSpeed's bf16 mode vs fp32
 The table: the first step's matmul dtypes, trainer / bare / HF tokens/s and their ratios (eager and
 compiled), the trainer's overhead over the bare loop per ZeRO stage, 1b MFU (eager and compiled),
 host reads per step, eval tokens/s, the planner's memory and step time against the measured ones,
@@ -32,13 +33,16 @@ PARTS = {
                  "train.micro_batch_size=16"]),
     "eval": (100, ["bench/inference.py", "--config", "configs/transformer-base.yaml", "--pairs", "4000",
                    "--device", "auto"]),
+    # not in the default parts (time): bf16 through autocast vs DeepSpeed's bf16 mode, against fp32
+    "precision": (120, ["bench/precision.py", "--config", "configs/transformer-base.yaml", "--steps", "20",
+                        "--vocab", "32000", "train.micro_batch_size=16"]),
 }
 
 
 def run_part(name: str, out: str, steps: int) -> dict | None:
     timeout, cmd = PARTS[name]
     path = os.path.join(out, f"{name}.json")
-    args = [sys.executable, *cmd, "--json", path] + (["--steps", str(steps)] if cmd[0] == "bench/step.py" else [])
+    args = [sys.executable, cmd[0], "--json", path, *cmd[1:]] + (["--steps", str(steps)] if cmd[0] == "bench/step.py" else [])
     log = os.path.join(out, f"{name}.log")
     t0 = time.time()
     print(f"=== {name}: {' '.join(cmd)}", flush=True)
@@ -104,6 +108,10 @@ def table(res: dict) -> list[tuple[str, str, str]]:
             got = (r.get("cuda_peaks") or {}).get(n) or c[n]["peak_tensor_bytes"]
             rows.append((f"{name}: planner / measured, {n}: peak memory, step time",
                          f"{_f(p['peak_bytes'] / got)}, {_f(p['step_s'] / c[n]['step_s'])}", "within 15%, 25%"))
+    for mode, f in (res.get("precision") or {}).items():
+        rows.append((f"precision {mode}: step s, peak MiB, max loss gap, param distance vs fp32",
+                     f"{f['step_s']:.4f}, {f['peak_bytes'] / 2 ** 20:,.0f}, {f['max_loss_gap']:.1e}, "
+                     f"{f['param_distance']:.2e}", ""))
     if ev:
         for prec, f in ev["figures"].items():
             rows.append((f"eval transformer-base ({prec}, {f['device']}): target tokens/s, examples/s",
