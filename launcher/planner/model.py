@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 from launcher.monitor import flops
 from launcher.planner.calibrate import compute_time
+from launcher.precision import precision_of
 from launcher.parallel.plan import shard_dims
 from model import arch_of, build, make_config
 from model.loss import chunk_tokens
@@ -205,7 +206,7 @@ def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None, calibrati
     compute time (the calibrated / heuristic ratio of another layout)."""
     c = cfg.model
     S, T = cfg.data.max_src_len, cfg.data.max_tgt_len
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = precision_of(cfg).mixed                 # matmul operands in bf16 (launcher/precision.py)
     global_batch = cfg.train.global_batch_size
     accum = max(1, global_batch // (lay.micro * lay.dp))
     states = model_states(c, lay, cfg.comm)
