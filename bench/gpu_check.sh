@@ -1,46 +1,19 @@
 #!/usr/bin/env bash
-# The performance targets that need a GPU, in one short run (one H100/H200; a few minutes):
-#   1. configs/transformer-base.yaml in bf16: the trainer's whole step vs the stock Hugging Face
-#      class at the same shape and batch (target: >= 1.3x its tokens/s), eager and compiled
-#   2. configs/1b.yaml on one GPU (tp 1, ZeRO 1, bf16): MFU (target: >= 45%), eager and compiled
-# Each part prints its own figures; a failing part does not stop the others. Output also goes to
-# $OUT/gpu_check.log when OUT is set.
+# The performance targets that need a GPU, in one prepared run (one H100/H200; about 6 minutes, each
+# part under its own timeout; bench/gpu_check.py says what each part runs), ending with one table:
+#   the first step's matmul dtypes (bf16 means bf16), trainer / bare loop / stock HF tokens/s and
+#   ratios (eager and compiled; target trainer >= 1.3x HF, compiled >= 1.15x eager), the trainer's
+#   overhead over the bare loop at ZeRO 0-3 (target <= 10% at 0-2), configs/1b.yaml MFU on one GPU
+#   (target >= 45%), host reads per step, eval tokens/s, the planner's memory and step time vs measured.
+# Logs, JSON and the table go to $OUT (default /tmp/encdec-gpu-check).
 #
-#   bash bench/gpu_check.sh                   # all parts
-#   PARTS=2 STEPS=8 bash bench/gpu_check.sh    # only the 1b MFU part
+#   bash bench/gpu_check.sh                       # all parts
+#   PARTS=1b STEPS=8 bash bench/gpu_check.sh      # one part
+# On the lent device machine (no registry there): PY=python3 with the wheels of
+# ../shared/hooks/device-wheels.sh on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-STEPS=${STEPS:-12}
-PARTS=${PARTS:-"1 2"}
-LOG=${OUT:+$OUT/gpu_check.log}
-LOG=${LOG:-/dev/null}
-
-run() {   # run TITLE CMD...: one part, timed, its status reported
-  local title=$1; shift
-  echo "=== $title: $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  "$@" 2>&1 | grep -v -e '\[WARNING\]' -e '^\[W' | tee -a "$LOG"
-  echo "=== $title: status ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$LOG"
-}
-
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|',
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee -a "$LOG"
-
-for part in $PARTS; do
-  case $part in
-    1)
-      run "transformer-base bf16 vs hf" "$PY" bench/step.py --config configs/transformer-base.yaml \
-        --precision bf16 --steps "$STEPS" parallel.zero_stage=1
-      run "transformer-base bf16 vs hf, compiled" "$PY" bench/step.py --config configs/transformer-base.yaml \
-        --precision bf16 --steps "$STEPS" parallel.zero_stage=1 train.compile=true ;;
-    2)
-      run "1b one GPU, MFU" "$PY" bench/step.py --config configs/1b.yaml --precision bf16 --skip-hf \
-        --steps "$STEPS" parallel.tp=1 parallel.zero_stage=1 parallel.activation_checkpointing=false \
-        train.micro_batch_size=16
-      run "1b one GPU, MFU, compiled" "$PY" bench/step.py --config configs/1b.yaml --precision bf16 --skip-hf \
-        --steps "$STEPS" parallel.tp=1 parallel.zero_stage=1 parallel.activation_checkpointing=false \
-        train.micro_batch_size=16 train.compile=true ;;
-    *) echo "unknown part $part (1 or 2)" >&2 ;;
-  esac
-done
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+exec "$PY" bench/gpu_check.py --parts "${PARTS:-base,1b,eval}" --steps "${STEPS:-12}" ${OUT:+--out "$OUT"}

@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--work", default="/tmp/encdec-bench-inference")
+    p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     hf, data, sources = setup(a)
@@ -89,10 +90,16 @@ def main() -> int:
     print(f"{a.config}: {base['examples']} examples, {base['target_tokens']} target tokens, batch {a.batch_size}")
     print(f"{'precision':9s} {'device':7s} {'eval s':>8s} {'generate s':>10s} {'examples/s':>10s} {'loss':>10s} "
           f"{'loss - fp32':>12s} {'same text':>9s}")
+    figures = {}
     for prec, (dev, res, te, tg) in rows.items():
         same = sum(x == y for x, y in zip(outs[prec], outs["fp32"])) / max(len(outs["fp32"]), 1)
         print(f"{prec:9s} {dev:7s} {te:8.2f} {tg:10.2f} {res['examples'] / te:10.1f} {res['loss']:10.5f} "
               f"{res['loss'] - base['loss']:12.2e} {same:9.4f}")
+        figures[prec] = {"device": dev, "eval_s": te, "generate_s": tg, "examples_per_s": res["examples"] / te,
+                         "target_tokens_per_s": res["target_tokens"] / te, "loss": res["loss"], "same_text": same}
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"config": a.config, "examples": base["examples"], "figures": figures}, f, indent=1)
     return 0
 
 

@@ -115,7 +115,7 @@ def _plot(a) -> int:
 def _plan(a) -> int:
     from launcher.planner.plan import main as plan_main
     return plan_main(a.config, a.overrides, a.nodes, a.gpus_per_node, a.gpu_memory_gib, a.peak_tflops, a.json,
-                     a.vocab)
+                     a.vocab, calibrate=a.calibrate, device=a.device)
 
 
 def _inference_args(s) -> None:
@@ -196,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU (default 989, H100/H200)")
     s.add_argument("--vocab", type=int, default=32000, help="vocabulary size when the config leaves it to the tokenizer")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--calibrate", action="store_true",
+                   help="time the model's layers and AdamW on this machine's device for the step-time estimate")
+    s.add_argument("--device", default=None, help="device to calibrate on (default: cuda if available, else cpu)")
     s.set_defaults(fn=_plan)
     s = sub.add_parser("eval", help="loss/perplexity (and BLEU/chrF for pairs) of a converted model on prepared shards")
     s.add_argument("model_dir")

@@ -33,7 +33,7 @@ def measure(rank, world, overrides, steps=2):
     `steps` steps under the trackers: the peak of live tensor bytes from the engine's construction
     on, and the bytes of every collective of the last step."""
     import deepspeed
-    from launcher.planner.measure import CollectiveBytes, PeakMemory
+    from bench.measure import CollectiveBytes, PeakMemory
     from launcher.training.guard import StepGuard
     from launcher.training.step import TrainStep
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -64,7 +64,7 @@ def measure_activations(rank, world, overrides):
     """Peak tensor bytes of one forward + backward above the resting model (weights and gradients
     already allocated): what the micro-batch's activations, the loss and backward's temporaries take."""
     from launcher.parallel import ParallelDims, parallelize
-    from launcher.planner.measure import PeakMemory
+    from bench.measure import PeakMemory
     from model import build
     cfg = plan_config(overrides, world)
     mesh = ParallelDims.from_world(cfg.parallel.tp, world).build(rank)

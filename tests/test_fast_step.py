@@ -150,7 +150,7 @@ def test_chunked_loss_equals_full_logits(smoothing):
 
 
 def test_loss_peak_memory_is_a_fraction_of_full_logits():
-    from launcher.planner.measure import PeakMemory
+    from bench.measure import PeakMemory
     torch.manual_seed(0)
     N, D, V = 1024, 64, 16384                 # full fp32 logits: 64 MiB
     h = torch.randn(N, D, requires_grad=True)

@@ -2,7 +2,7 @@
 
 2 gloo ranks (dp 2), loader workers 1, dropout 0.1, ZeRO 0-3, the real Trainer from the training
 entry on the tiny prepared data; every call that reads a tensor's value into Python or synchronizes
-a stream is counted (tests/host_syncs.py) from the first step to the last, outside checkpoint
+a stream is counted (bench/measure.py HostSyncs) from the first step to the last, outside checkpoint
 saves. Per optimizer step the project's code reads the device exactly once (the step guard's
 verdict: the global loss, the stop requests, without ZeRO the gradient norm); a logging step adds
 exactly one (its metrics). DeepSpeed's own ZeRO step adds its overflow check (at most 3 reads;
@@ -18,7 +18,7 @@ STEPS, LOG_EVERY = 6, 3
 
 
 def _count(data, out, stage):
-    from host_syncs import HostSyncs
+    from bench.measure import HostSyncs
     t = trainer(data, out, f"parallel.zero_stage={stage}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
                 "model.dropout=0.1", "data.num_workers=1", "train.precision=bf16", "checkpoint.every=0")
     syncs = HostSyncs().install()

@@ -1,7 +1,7 @@
 """The planner against DeepSpeed's estimators, and against real steps: peak tensor memory and
 the bytes of every collective, measured per rank on 2 CPU ranks (gloo) for several layouts.
 
-Memory is measured with launcher/planner/measure.PeakMemory (live tensor storage bytes):
+Memory is measured with bench/measure.PeakMemory (live tensor storage bytes):
   total        from the trainer engine's construction to the end of its second step (the trainer's
                TrainStep on a build_engine engine), vs the planner's peak (peak_bytes: held states
                + the larger of activations+loss and the step's transient gradients), on 2 ranks and,
@@ -140,3 +140,14 @@ def test_plan_command_json(tmp_path):
     assert all(x["per_rank_gib"] * 2 ** 30 <= 80 * 2 ** 30 for x in out["layouts"])
     r = run_cli(["plan", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "3"])
     assert r.returncode == 2 and r.stderr.startswith("encdec: error: ") and "parallel.tp" in r.stderr
+
+
+def test_plan_calibrate_times_the_model_on_this_device():
+    r = run_cli(["plan", "configs/test-tiny.yaml", "--nodes", "1", "--gpus-per-node", "1", "--calibrate",
+                 "--device", "cpu", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    cal = res["calibration"]
+    assert cal["device"].startswith("cpu") and cal["micro"] == 4 and cal["precision"] == "fp32"
+    assert min(cal["encoder_layer_s"], cal["decoder_layer_s"], cal["rest_s"]) >= 0 and cal["adam_s_per_param"] > 0
+    assert res["step_time_s"] > 0

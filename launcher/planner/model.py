@@ -32,7 +32,7 @@ fp32 logits (kept for backward when one chunk holds every token) plus the fp32 g
 output projection (V/tp, D) being accumulated in backward.
 
 Communication per optimizer step, bytes each rank passes to collectives (all-reduce: the tensor;
-all-gather: the gathered output; reduce-scatter: the input), as launcher/planner/measure counts:
+all-gather: the gathered output; reduce-scatter: the input), as bench/measure.py counts:
     TP (per micro-batch)  forward: embeddings B (S+T) D x 4 + 2 per encoder layer (B S D a) +
                           3 per decoder layer (B T D a) + loss 16 B T; backward: the same count of
                           (B S D / B T D) x 4 for every copied input (2 per encoder layer, 3 per
@@ -51,6 +51,8 @@ import functools
 from dataclasses import dataclass
 
 from launcher.monitor import flops
+from launcher.planner.calibrate import compute_time
+from launcher.precision import precision_of
 from launcher.parallel.plan import shard_dims
 from model import arch_of, build, make_config
 from model.loss import chunk_tokens
@@ -197,11 +199,14 @@ def comm_bytes(c, lay: Layout, S: int, T: int, bf16: bool, accum: int = 1) -> di
     return {"tp_all_reduce": tp_b, "dp": dp_b, "total": tp_b + sum(dp_b.values())}
 
 
-def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None) -> dict:
-    """Everything `encdec plan` reports for one layout."""
+def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None, calibration: dict | None = None,
+             compute_scale: float = 1.0) -> dict:
+    """Everything `encdec plan` reports for one layout. calibration (planner/calibrate.py, measured at
+    this layout's micro-batch): the compute time from it; compute_scale: a factor on the heuristic
+    compute time (the calibrated / heuristic ratio of another layout)."""
     c = cfg.model
     S, T = cfg.data.max_src_len, cfg.data.max_tgt_len
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = precision_of(cfg).mixed                 # matmul operands in bf16 (launcher/precision.py)
     global_batch = cfg.train.global_batch_size
     accum = max(1, global_batch // (lay.micro * lay.dp))
     states = model_states(c, lay, cfg.comm)
@@ -217,10 +222,15 @@ def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None) -> dict:
     # matmul efficiency grows with the work of one micro-batch on one rank (tokens x local width):
     # half of hw.efficiency at 2^20 token-columns, saturating above (a heuristic, not measured here)
     x = lay.micro * (S + T) * c.d_model / lay.tp / 2 ** 20
-    t_compute = hw_flops / world / (hw.peak_flops * hw.efficiency * x / (x + 1))
-    # TP inside a node (NVLink); data-parallel traffic crosses nodes when dp spans them
+    t_heuristic = hw_flops / world / (hw.peak_flops * hw.efficiency * x / (x + 1))
     if lay.zero == 3:
-        t_compute *= 1.05               # parameter-fetch hooks and latency not hidden (heuristic)
+        t_heuristic *= 1.05             # parameter-fetch hooks and latency not hidden (heuristic)
+    if calibration is not None:
+        P = param_counts(c, lay.tp)["local"]
+        t_compute = compute_time(calibration, c, lay.tp, accum, lay.ckpt, P / (lay.dp if lay.zero else 1))
+    else:
+        t_compute = t_heuristic * compute_scale
+    # TP inside a node (NVLink); data-parallel traffic crosses nodes when dp spans them
     # ring algorithms: an all-reduce moves 2 (n-1)/n of the tensor per rank, all-gather and
     # reduce-scatter (n-1)/n of the whole
     ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
@@ -232,5 +242,6 @@ def estimate(cfg, lay: Layout, hw: Hardware, vocab: int | None = None) -> dict:
     step = t_compute + t_tp + t_dp * (1 - overlap)
     return {"layout": dataclasses.asdict(lay), "accum": accum, "per_rank_bytes": per_rank,
             "comm_bytes_per_step": comm, "flops_per_step": step_flops, "step_time_s": step,
+            "compute_time_s": t_compute, "heuristic_compute_time_s": t_heuristic,
             "mfu": step_flops / step / (hw.peak_flops * world),
             "fits": per_rank["total"] + hw.reserve_bytes <= hw.gpu_memory_bytes}

@@ -11,6 +11,7 @@ import json
 
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.parallel.dims import check_supported
+from launcher.planner.calibrate import calibrate as measure_compute
 from launcher.planner.model import GIB, Hardware, Layout, estimate, param_counts
 from launcher.training.inputs import model_config
 
@@ -47,7 +48,10 @@ def candidate_layouts(cfg: RunConfig, world: int, gpus_per_node: int):
 
 
 def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, hw: Hardware, vocab: int = DEFAULT_VOCAB,
-         top: int = 10) -> dict:
+         top: int = 10, calibration: dict | None = None) -> dict:
+    """The config's layout and the fitting layouts, ranked. With a calibration (planner/calibrate.py,
+    at the config's micro-batch) the config's compute time is the measured one and every other
+    layout's heuristic compute time is scaled by the same measured / heuristic ratio."""
     world = nodes * gpus_per_node
     p = cfg.parallel
     if world % p.tp:
@@ -57,10 +61,11 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, hw: Hardware, vocab: in
         raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not divide "
                           f"into micro_batch_size={cfg.train.micro_batch_size} x dp={dp} on {world} GPUs")
     own = Layout(p.tp, dp, p.zero_stage, cfg.train.micro_batch_size, p.activation_checkpointing)
-    cur = estimate(_cfg_for(cfg, p.tp, vocab), own, hw)
+    cur = estimate(_cfg_for(cfg, p.tp, vocab), own, hw, calibration=calibration)
+    scale = cur["compute_time_s"] / cur["heuristic_compute_time_s"] if calibration else 1.0
     fitting = []
     for lay in candidate_layouts(cfg, world, gpus_per_node):
-        e = estimate(_cfg_for(cfg, lay.tp, vocab), lay, hw)
+        e = estimate(_cfg_for(cfg, lay.tp, vocab), lay, hw, compute_scale=scale)
         if e["fits"]:
             fitting.append(e)
     fitting.sort(key=lambda e: (round(e["step_time_s"], 6), e["per_rank_bytes"]["total"]))
@@ -72,7 +77,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, hw: Hardware, vocab: in
             "step_time_s": cur["step_time_s"], "mfu": cur["mfu"], "fits": cur["fits"],
             "layouts": [{**e["layout"], "accum": e["accum"], "per_rank_gib": e["per_rank_bytes"]["total"] / GIB,
                          "step_time_s": e["step_time_s"], "mfu": e["mfu"]} for e in fitting[:top]],
-            "n_fitting": len(fitting)}
+            "n_fitting": len(fitting), "calibration": calibration}
 
 
 def _lay(d: dict) -> str:
@@ -95,6 +100,11 @@ def format_plan(r: dict) -> str:
               f"FLOPs per step {r['flops_per_step']:.3e}; estimated step {r['step_time_s']:.2f} s, "
               f"MFU {100 * r['mfu']:.0f}%; fits: {'yes' if r['fits'] else 'NO'}",
               f"layouts that fit ({r['n_fitting']}), fastest first:"]
+    if r.get("calibration"):
+        c = r["calibration"]
+        lines.insert(-1, f"compute calibrated on {c['device']} ({c['precision']}, micro-batch {c['micro']}): "
+                         f"encoder layer {1e3 * c['encoder_layer_s']:.2f} ms, decoder layer "
+                         f"{1e3 * c['decoder_layer_s']:.2f} ms, rest {1e3 * c['rest_s']:.2f} ms per micro-batch")
     for i, d in enumerate(r["layouts"], 1):
         lines.append(f"  {i:2d}. {_lay(d)}, accum {d['accum']}: {d['per_rank_gib']:.1f} GiB/rank, "
                      f"step {d['step_time_s']:.2f} s, MFU {100 * d['mfu']:.0f}%")
@@ -102,7 +112,8 @@ def format_plan(r: dict) -> str:
 
 
 def main(config: str, overrides: list, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
-         peak_tflops: float | None, as_json: bool, vocab: int = DEFAULT_VOCAB) -> int:
+         peak_tflops: float | None, as_json: bool, vocab: int = DEFAULT_VOCAB, calibrate: bool = False,
+         device: str | None = None) -> int:
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
     if gpu_memory_gib <= 0 or (peak_tflops is not None and peak_tflops <= 0):
@@ -111,6 +122,7 @@ def main(config: str, overrides: list, nodes: int, gpus_per_node: int, gpu_memor
     hw = Hardware(gpu_memory_bytes=gpu_memory_gib * GIB, gpus_per_node=gpus_per_node)
     if peak_tflops:
         hw.peak_flops = peak_tflops * 1e12
-    r = plan(cfg, nodes, gpus_per_node, hw, vocab)
+    cal = measure_compute(_cfg_for(cfg, 1, vocab), cfg.train.micro_batch_size, device) if calibrate else None
+    r = plan(cfg, nodes, gpus_per_node, hw, vocab, calibration=cal)
     print(json.dumps(r, indent=2) if as_json else format_plan(r))
     return 0
