@@ -38,4 +38,7 @@ def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Train
 
 
 def run(cfg: RunConfig, stop: StopSignal | None = None) -> dict:
-    return start(cfg, read_env(), stop).train()
+    trainer = start(cfg, read_env(), stop)
+    out = trainer.train()
+    trainer.close()
+    return out

@@ -185,6 +185,14 @@ class Trainer:
             print(f"step {step} skipped ({why}); skipped_steps={self.state.guard.skipped + 1}; "
                   f"batch keys ({len(allk)}): {shown}", flush=True)
 
+    def close(self) -> None:
+        """After a finished run: the engine and the process group shut down in order (threads of the
+        communication backend joined, rather than torn down with the interpreter)."""
+        self.engine.destroy()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def train(self) -> dict:
         it = iter(self.stream)
         try:
