@@ -36,6 +36,8 @@ bench: install
 	$(PY) bench/tar_reader.py
 	$(PY) bench/packing_loss.py
 	$(PY) bench/pack_attention_step.py
+	$(PY) bench/precision.py
+	$(PY) bench/inference.py
 
 clean:
 	rm -rf runs/demo
