@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from launcher.faults import NONE, Faults
@@ -51,11 +50,9 @@ class StepOut:
     pad_frac: float             # mean padding share of this rank's micro-batches
 
 
-def host_counts(b: dict) -> tuple[int, int, bool]:
-    """(target tokens, source tokens, no source padding) of a host batch, read with numpy (no
-    device involved)."""
-    mask = b["src_mask"].numpy()
-    return int(np.count_nonzero(b["labels"].numpy() != -100)), int(np.count_nonzero(mask)), bool(mask.all())
+def unpadded(b: dict) -> bool:
+    """A host batch without source padding (packed span data), read with numpy: no device involved."""
+    return bool(b["src_mask"].numpy().all())
 
 
 class TrainStep:
@@ -84,7 +81,7 @@ class TrainStep:
         return torch.full((1,), float(g or 0.0), dtype=torch.float64, device=self.device)
 
     def __call__(self, batches: list[dict], step: int) -> StepOut:
-        host = [host_counts(b) for b in batches]
+        no_pad = [unpadded(b) for b in batches]
         local_flops = sum(flops.train_flops(self.cfg.model, b["src"].shape[0], b["src"].shape[1],
                                             b["tgt_in"].shape[1], recompute=False) for b in batches)
         pad_frac = sum(b["pad_frac"] for b in batches) / len(batches)
@@ -98,13 +95,13 @@ class TrainStep:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         why, verdict = "", None
         self._beat(step, "forward/backward")
-        for i, (b, (_, _, unpadded)) in enumerate(zip(dev, host)):
+        for i, (b, plain) in enumerate(zip(dev, no_pad)):
             last = i == len(dev) - 1
             # no padding (packed span data): no attention mask, so SDPA may take its flash kernel
             segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
             record = MatmulDtypes() if not self.checked_precision else contextlib.nullcontext()
             with record:
-                loss, _ = self.engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"],
+                loss, _ = self.engine(b["src"], None if plain else b["src_mask"], b["tgt_in"], b["labels"],
                                       **segments)
             if not self.checked_precision:
                 self.matmul_dtypes = record.seen          # what the first step's matmuls ran in
