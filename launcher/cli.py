@@ -30,6 +30,7 @@ def _train(a) -> int:
     if a.nproc and a.nproc > 1:
         # Fail here, before any process starts: the config, every input, the layout of N local ranks.
         import torch
+        from launcher.checkpoint.vocab import fit_run_vocab
         from launcher.parallel.dims import check_local_gpus, validate_layout
         from launcher.training.inputs import resolve_inputs
         check_local_gpus(a.nproc, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -37,6 +38,7 @@ def _train(a) -> int:
         cfg = load_config(a.config, a.overrides)
         validate_layout(cfg, a.nproc, a.nproc)
         resolve_inputs(cfg)
+        fit_run_vocab(cfg)                          # reads (and checks) what checkpoint.resume names
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                "-m", "launcher.cli", "train", a.config, *a.overrides]
         # Ctrl-C reaches torchrun and every rank from the terminal: the ranks stop with a checkpoint,

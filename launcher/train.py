@@ -4,7 +4,8 @@ Run by `encdec train` (one process, or each rank under torchrun / srun: `python 
     1. layout    tp x dp, ZeRO stage, divisibility, TP groups inside a node, no more ranks on a
                  node than its GPUs: checked once, before any process group waits
     2. inputs    sources, manifests, tokenizer and vocabulary resolved once (fills cfg.model; the
-                 vocabulary is padded to a multiple of tp)
+                 vocabulary is padded to a multiple of tp, and keeps the rows of what it resumes:
+                 launcher/checkpoint/vocab.py)
     3. trainer   process groups, DeepSpeed engine, data stream, monitor
     4. resume    the run's latest checkpoint, a given one, or a Hugging Face folder (if any)
     5. train
@@ -15,6 +16,7 @@ import os
 
 import torch
 
+from launcher.checkpoint.vocab import fit_run_vocab
 from launcher.config import RunConfig
 from launcher.dist_env import DistEnv, export_torch_env, for_this_process, read_env
 from launcher.faults import Faults
@@ -31,6 +33,7 @@ def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Train
     check_local_gpus(env.local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), how)
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
     inputs = resolve_inputs(cfg, share=(env.rank, env.world_size))
+    fit_run_vocab(cfg, strict=False)
     export_torch_env(for_this_process(env))
     trainer = Trainer(cfg, env, dims, inputs, stop=stop, faults=Faults.from_env())   # test switches, read once
     trainer.resume()

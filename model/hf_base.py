@@ -7,8 +7,10 @@ the checks of a folder beyond what the key map can see. Weights are renamed, nev
 HF -> encdec -> HF is bitwise.
 
 Vocabulary: HF folders hold `hf_vocab_size` embedding rows (ModelConfig.hf_vocab_size); our model
-may hold more (padded to vocab_multiple and the TP degree). Exports cut the rows back, imports pad
-them (launcher/checkpoint/reshard.py), so every vocabulary size round-trips.
+may hold more (padded to vocab_multiple and the TP degree). Exports cut the rows of vocab_rows()
+back, imports pad them with zeros (launcher/checkpoint/reshard.py, for every parameter vocab_rows()
+names), so every vocabulary size round-trips; a run started from a folder records its row count
+as model.export_vocab_size (launcher/checkpoint/vocab.py).
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ class HFAdapter:
     def model_config(self, hcfg) -> ModelConfig:
         """HF config -> ours; ValueError names the first field we cannot represent."""
         raise NotImplementedError
+
+    def folder_config(self, hcfg, written: dict) -> ModelConfig:
+        """A folder's config -> ours: as model_config, where `written` (its config.json as written,
+        json) says what transformers' parsing of another version's file hides (T5's head rescale)."""
+        return self.model_config(hcfg)
 
     def check_folder(self, where: str, hcfg, mc: ModelConfig, names: set[str],
                      tensor: Callable[[str], torch.Tensor]) -> ModelConfig:

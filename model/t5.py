@@ -18,6 +18,9 @@ gated GELU: wo(gelu_tanh(wi_0 x) * wi_1 x). Dropout where Hugging Face puts it: 
 embeddings, on attention probabilities, inside the FFN, on every residual branch and after each
 stack's final norm. The padded vocabulary rows carry no logit bias (T5's own 32128-row table has
 28 unused rows too): the model computes the function of the exported T5ForConditionalGeneration.
+Only rows past an export's row count (model.export_vocab_size: a folder of 1100 rows padded to
+1152) are never predicted (logits_bias -1e9, as the seed model's padding), so the function is
+still the exported folder's, and those rows stay zero.
 
 As the seed model: the model knows nothing of parallelism; attention reads its local head count
 from q.out_features and the bias table's width, the embedding goes through self.embed, the
@@ -206,8 +209,11 @@ class T5(nn.Module):
         self.encoder_norm = RMSNorm(c.d_model, c.layer_norm_eps)
         self.decoder_norm = RMSNorm(c.d_model, c.layer_norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        # over the whole (padded) vocabulary, as HF T5's loss; chunked from h, logits never whole
-        self.criterion = LinearCrossEntropy()
+        # (V,) 0, then -1e9 on rows past the exported ones (when the model holds more); filled by init_weights
+        self.register_buffer("logits_bias", torch.empty(c.vocab_size), persistent=False)
+        self.masks_rows = c.hf_vocab_size < c.vocab_size
+        # over the whole (exported) vocabulary, as HF T5's loss; chunked from h, logits never whole
+        self.criterion = LinearCrossEntropy(n_classes=c.hf_vocab_size if self.masks_rows else 0)
         if not self.embed.weight.is_meta:            # on the meta device: shapes only, init_weights() later
             self.init_weights()
 
@@ -215,6 +221,8 @@ class T5(nn.Module):
     def init_weights(self):
         """T5's initialisation (Mesh TensorFlow / HF _init_weights with factor 1); norms to 1."""
         c, dk = self.config, head_dim(self.config)
+        self.logits_bias.zero_()
+        self.logits_bias[c.hf_vocab_size:] = -1e9
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
@@ -265,9 +273,13 @@ class T5(nn.Module):
             return h * self.config.d_model ** -0.5, self.embed.weight
         return h, self.lm_head.weight
 
+    def _bias(self):
+        return self.logits_bias if self.masks_rows else None
+
     def logits(self, h):
         h, w = self._projection(h)
-        return F.linear(h, w)
+        z = F.linear(h, w)
+        return z + self.logits_bias if self.masks_rows else z
 
     def forward(self, src_ids, src_mask, tgt_ids, labels=None):
         """Logits (B, T, V); with labels (B, T), the summed cross-entropy and the token count
@@ -276,7 +288,7 @@ class T5(nn.Module):
         if labels is None:
             return self.logits(h)
         h, w = self._projection(h)
-        return self.criterion(h, w, None, labels)
+        return self.criterion(h, w, self._bias(), labels)
 
 
 # ----------------------------------------------------------------------------- what encdec needs to know of it
@@ -285,7 +297,7 @@ TP_PLAN = TPPlan(
     blocks=(ShardedBlock(T5Attention, columns=("q", "k", "v"), rows=("o",), head_tables=("relative_attention_bias",),
                          inputs=2, kv_copied_upstream=("cross_attn",)),
             ShardedBlock(GatedFeedForward, columns=("wi_0", "wi_1"), rows=("wo",))),
-    vocab_heads=("lm_head",))
+    vocab_heads=("lm_head",), vocab_buffers=("logits_bias",))
 
 
 def describe(c: T5Config) -> str:

@@ -3,9 +3,12 @@
 hf_state(HF_DIR) validates the folder and describes it for reader.CheckpointReader: our model
 config, and for every parameter of ours the file and tensor name holding it (the explicit key map
 of the architecture's adapter, inverted). The architecture is found by the folder's model_type
-(model/registry.py); what our model cannot represent is refused with one line by its adapter
-(e.g. the seed model's: a trained final_logits_bias, untied output embeddings, position tables
-other than the sinusoids).
+(model/registry.py), which reads its config.json both as transformers parses it and as written
+(what the writing version meant, e.g. T5's head: model/t5_hf.py) and decides the rest from the
+tensors; what our model cannot represent is refused with one line by its adapter (e.g. the seed
+model's: a trained final_logits_bias, untied output embeddings, position tables other than the
+sinusoids). The config describes the folder's own rows (vocab_size); a run pads them to its
+vocab_multiple and TP degree and records the count for exports (launcher/checkpoint/vocab.py).
 """
 from __future__ import annotations
 
@@ -57,8 +60,13 @@ def hf_state(hf_dir: str) -> dict:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{hf_dir}/config.json: {str(e).splitlines()[0]}") from None
     try:
+        with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+            written = json.load(f)                 # as written: what another version's parsing may hide
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{hf_dir}/config.json: {e}") from None
+    try:
         adapter = for_hf_model_type(hcfg.model_type).hf
-        mc = adapter.model_config(hcfg)
+        mc = adapter.folder_config(hcfg, written if isinstance(written, dict) else {})
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{hf_dir}/config.json: {str(e).splitlines()[0]}") from None
     files, cache = _weights_index(hf_dir), {}
@@ -74,8 +82,7 @@ def hf_state(hf_dir: str) -> dict:
         # a tokenizer smaller than the embedding (T5: 32100 tokens in 32128 rows): the run counts tokens
         mc.real_vocab_size = min(mc.vocab_size, load_tokenizer(tok).get_vocab_size())
     weights = {ours: (files[k], k) for ours, k in names.items()}
-    mc.vocab_multiple = mc.vocab_size          # a config with these settings pads the tokenizer to this size
-    cfg = RunConfig(model=mc)
+    cfg = RunConfig(model=mc)                  # vocab_size: the folder's rows (a run pads them: vocab.py)
     cfg.data.max_src_len = min(cfg.data.max_src_len, mc.max_positions)
     cfg.data.max_tgt_len = min(cfg.data.max_tgt_len, mc.max_positions - 1)
     return {"format": "hf", "step": 0, "tokens_seen": 0, "data": None, "layout": None,

@@ -14,7 +14,7 @@ A checkpoint tag folder (trainer_state.json names its "format"):
                                  back to back, and its Adam state
   layout-free  model.safetensors (+ optimizer.safetensors "exp_avg/NAME", "exp_avg_sq/NAME"): whole
                tensors keyed by parameter name; what `encdec import` writes
-  hf           a Hugging Face Pegasus/Marian folder (weights only)
+  hf           a Hugging Face folder of a registered architecture (weights only; hf_folder.py)
 
 Files are opened with torch.load(mmap=True, weights_only=True) (or safetensors' lazy reader): a
 tensor's pages are read only when it is copied out, so gathering the weights never reads the

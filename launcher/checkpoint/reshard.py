@@ -22,12 +22,14 @@ from launcher.checkpoint.format import CheckpointError
 from launcher.checkpoint.reader import CheckpointReader
 from launcher.parallel.dims import Mesh
 from launcher.parallel.plan import shard_dims
+from model import arch_of
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Embedding rows past the real vocabulary are padding (never input, never predicted): pad/cut them."""
+    """Vocabulary rows past the checkpoint's are padding (zeros, never input, never predicted): pad
+    them; rows past this run's vocabulary (padding of the checkpoint's, format.check_compatible) are cut."""
     if t.shape[0] == rows:
         return t
     if t.shape[0] > rows:
@@ -35,8 +37,9 @@ def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def _local(name: str, full: torch.Tensor, tp: int, tp_rank: int, dims: dict, vocab: int) -> torch.Tensor:
-    if name == "embed.weight":
+def _local(name: str, full: torch.Tensor, tp: int, tp_rank: int, dims: dict, vocab: int,
+           vocab_rows: frozenset) -> torch.Tensor:
+    if name in vocab_rows:
         full = _fit_rows(full, vocab)
     if name in dims and tp > 1:
         d = dims[name]
@@ -55,6 +58,7 @@ def load_into_engine(engine, scheduler, reader: CheckpointReader, cfg, mesh: Mes
     """Fills the engine (any ZeRO stage, any TP) from reader; the optimizer state and the LR
     schedule too when the checkpoint has them."""
     stage, tp, vocab = cfg.parallel.zero_stage, cfg.parallel.tp, cfg.model.vocab_size
+    rows = frozenset(arch_of(cfg.model).hf.vocab_rows(cfg.model))     # parameters whose dim 0 is the vocabulary
     dims = shard_dims(engine.module) if tp > 1 else {}
     with_opt = load_optimizer and reader.has_optimizer()
     step = (reader.optimizer_step() or int(reader.state["step"])) if with_opt else 0
@@ -64,7 +68,7 @@ def load_into_engine(engine, scheduler, reader: CheckpointReader, cfg, mesh: Mes
         raise CheckpointError(f"checkpoint {reader.tag_dir} lacks parameters {missing[:5]}")
 
     def whole(name, key):
-        return _local(name, reader.get(name, key), tp, mesh.tp_rank, dims, vocab).to(engine.device)
+        return _local(name, reader.get(name, key), tp, mesh.tp_rank, dims, vocab, rows).to(engine.device)
 
     with torch.no_grad():
         if stage == 0:

@@ -72,6 +72,9 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
         tok = os.path.join(root, "tokenizer.json")          # checkpoints written before one per tag
     if not os.path.isfile(tok):
         raise CheckpointError(f"checkpoint {tag_dir} has no tokenizer.json")
+    if not mc.real_vocab_size <= mc.hf_vocab_size <= mc.vocab_size:
+        raise CheckpointError(f"checkpoint {tag_dir}: model.export_vocab_size={mc.export_vocab_size} must lie "
+                              f"between the {mc.real_vocab_size} tokens and the {mc.vocab_size} rows it holds")
     reader = CheckpointReader(tag_dir, state)
     with atomic_dir(out) as tmp:
         from transformers import GenerationConfig     # deferred: transformers takes seconds to import

@@ -1,9 +1,11 @@
-"""Start (or continue) pretraining from a Hugging Face model folder of the Pegasus or Marian class.
+"""Start (or continue) pretraining from a Hugging Face model folder of a registered architecture.
 
 Two ways:
   - `checkpoint.resume=HF_DIR` in a training config: the run starts from the folder's weights
     (fresh optimizer, step 0, data from the start); the run's model settings must match the
     folder's (the error lists the differences) and its tokenizer must have the same vocabulary.
+    The folder's rows (any count) are padded to the run's vocab_multiple and TP degree, and
+    exports cut them back (launcher/checkpoint/vocab.py).
   - `encdec import HF_DIR OUT`: writes an encdec checkpoint (layout-free format:
     model.safetensors keyed by our parameter names, trainer_state.json, tokenizer.json), usable
     as `checkpoint.resume=OUT` and by `encdec convert`; prints the model settings to train with.
@@ -26,6 +28,10 @@ from launcher.checkpoint.format import STATE_FILE, CheckpointError
 from launcher.checkpoint.hf_folder import hf_state
 from launcher.checkpoint.reader import CheckpointReader
 from launcher.hf.st_writer import StreamingSafetensorsWriter
+
+# what a run sets itself: the tokenizer's size, padded (to any model.vocab_multiple and TP degree)
+# up from the folder's rows, which exports get back (launcher/checkpoint/vocab.py)
+DERIVED = ("vocab_size", "real_vocab_size", "vocab_multiple", "export_vocab_size")
 
 
 def import_hf(hf_dir: str, out: str, overwrite: bool = False, progress: bool = True) -> dict:
@@ -57,4 +63,5 @@ def import_and_report(hf_dir: str, out: str, overwrite: bool = False) -> None:
     """`encdec import`: writes OUT and prints the model settings to train with."""
     st = import_hf(hf_dir, out, overwrite=overwrite)
     print(f"wrote {out}; train from it with checkpoint.resume={out} and these model settings:")
-    print(yaml.safe_dump({"model": st["config"]["model"]}, sort_keys=False), end="")
+    model = {k: v for k, v in st["config"]["model"].items() if k not in DERIVED}
+    print(yaml.safe_dump({"model": model}, sort_keys=False), end="")
