@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from data.bart import BartNoise
 from data.registry import OBJECTIVES
 from data.ul2 import Denoiser
 
@@ -49,6 +50,7 @@ class DataConfig:
     bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
     tokenizer: str = ""             # tokenizer.json, prepared folder or HF folder; raw text data needs one
     ul2: list[Denoiser] = field(default_factory=list)  # objective ul2: the denoisers (empty = data/ul2.py's default)
+    bart: BartNoise = field(default_factory=BartNoise)  # objective bart: mask ratio, span lengths, sentence shuffle
     text_field: str = "text"        # raw text shards: the .json field (or member extension) holding a document
     src_field: str = "src"          # raw text shards, pairs: the source field (or member extension)
     tgt_field: str = "tgt"

@@ -8,10 +8,11 @@ its own file and one entry here.
 """
 from __future__ import annotations
 
+from data.bart import Bart
 from data.objectives import Objective, Pairs, SpanCorruption
 from data.ul2 import UL2
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (Pairs, SpanCorruption, UL2)}
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (Pairs, SpanCorruption, UL2, Bart)}
 
 
 def sample_kind(objective: str) -> str:
