@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from data.objectives import OBJECTIVES
-from data.ul2 import Denoiser, parse_table
+from data.bart import BartNoise
+from data.registry import OBJECTIVES
+from data.ul2 import Denoiser
 
 
 @dataclass
@@ -31,7 +32,7 @@ class MixtureEntry:
 class DataConfig:
     train: str = ""                 # shard pattern (dir, brace pattern, pipe:, s3://...) or prepared dir
     valid: str = ""                 # held-out shards; empty = no evaluation
-    objective: str = "pairs"        # pairs | span | ul2
+    objective: str = "pairs"        # a name in data/registry.py (pairs, span, ...)
     max_src_len: int = 128          # encoder length (also the packing length for span)
     max_tgt_len: int = 128
     noise_density: float = 0.15     # span corruption: fraction of tokens masked
@@ -49,6 +50,7 @@ class DataConfig:
     bucket_window: int = 8          # pairs: global batches sorted by length together (0 = off)
     tokenizer: str = ""             # tokenizer.json, prepared folder or HF folder; raw text data needs one
     ul2: list[Denoiser] = field(default_factory=list)  # objective ul2: the denoisers (empty = data/ul2.py's default)
+    bart: BartNoise = field(default_factory=BartNoise)  # objective bart: mask ratio, span lengths, sentence shuffle
     text_field: str = "text"        # raw text shards: the .json field (or member extension) holding a document
     src_field: str = "src"          # raw text shards, pairs: the source field (or member extension)
     tgt_field: str = "tgt"
@@ -57,7 +59,8 @@ class DataConfig:
 
 def check_data_config(d: DataConfig) -> list[tuple[str, str]]:
     """(key, problem) for each bad value; fills in what the config leaves to defaults (mixture
-    entries' objective, name and fields; the UL2 table), so the saved config is complete."""
+    entries' objective, name and fields; each objective's settings, e.g. the UL2 table), so the saved
+    config is complete."""
     bad = []
 
     def need(ok: bool, key: str, msg: str):
@@ -78,12 +81,8 @@ def check_data_config(d: DataConfig) -> list[tuple[str, str]]:
         bad += _check_mixture(d)
     if bad:
         return bad
-    if d.ul2 or uses(d, "ul2"):
-        try:
-            d.ul2 = parse_table(d.ul2)
-        except ValueError as e:                          # the message names data.ul2[i].field
-            key, _, msg = str(e).partition(": ")
-            bad.append((key.split("'")[1] if "'" in key else "data.ul2", msg or str(e)))
+    for name, objective in OBJECTIVES.items():          # each objective's own settings (data.ul2, ...)
+        bad += objective.check(d, uses(d, name))
     return bad
 
 

@@ -1,4 +1,6 @@
-"""Training objectives and batch collation.
+"""Training objectives (the Objective interface; pairs and span corruption) and batch collation.
+
+Objectives are registered by name in data/registry.py; data/ul2.py and data/bart.py hold the others.
 
 Span corruption (T5): a fraction `noise_density` of the tokens, in spans of mean length
 `mean_span_length`, is removed from the encoder input; each span is replaced by one sentinel,
@@ -19,18 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.sources import DataError
 from data.tokenizer import EOS_ID, PAD_ID, SENTINEL_BASE
 
 IGNORE = -100
-
-# What each objective reads: "text" (documents: prepared {"ids": [...]}, raw .txt or .json[text_field])
-# or "pairs" (prepared {"src": [...], "tgt": [...]}, raw src_field + tgt_field). A new objective adds
-# its entry here and its example maker in data/stream.py (Layout.examples), as span and ul2 do.
-OBJECTIVES = {"pairs": "pairs", "span": "text", "ul2": "text"}
-
-
-def sample_kind(objective: str) -> str:
-    return OBJECTIVES[objective]
 
 
 def as_sentinel_ids(sentinels) -> np.ndarray:
@@ -153,6 +147,126 @@ def raw_length_for(input_len: int, density: float, mean_span: float) -> int:
         n -= 1
     return 2
 
+
+# ----------------------------------------------------------------------------- the objectives of this module
+
+class Objective:
+    """One training objective (its class registered by name in data/registry.py). The class says
+    what holds for every run (its checks, the token ids it needs); an instance is the objective
+    resolved against one stream (StreamSpec.objectives: its lengths and ids, checked up front),
+    plain data, so it pickles into loader workers. The stream asks it, never its name.
+
+    reads            "text": documents (prepared {"ids": [...]}, raw .txt or .json[text_field]), cut
+                     into chunks; "pairs": (source, target) (prepared {"src", "tgt"}, raw src_field +
+                     tgt_field), one example each
+    needs_sentinels  the tokenizer must have <extra_id_N> tokens
+    exact_packing    text with length indexes is packed without loss (data/packed.py); without them
+                     chunk counts come per block (data/packing.py)
+    segments         its packed examples may carry document ids (data.pack_attention)
+
+    Randomness: an example's draws come from an RNG keyed by its position (start's keyed()), a
+    block's from one keyed by the block (block_chunks' rng()), so the stream stays a function of
+    the position on any layout.
+    """
+    name = ""
+    reads = "text"
+    needs_sentinels = True
+    exact_packing = False
+    segments = False
+
+    @classmethod
+    def check(cls, d, used: bool) -> list[tuple[str, str]]:
+        """(key, problem) for its settings in the run's DataConfig `d` (used: some dataset trains
+        with it); may fill in defaults, so the saved config is complete."""
+        return []
+
+    @classmethod
+    def vocab(cls, tok, d):
+        """What it needs of the run's tokenizer (ids), resolved once when it is used (Vocab.of(name));
+        None = nothing. DataError names a setting the tokenizer cannot serve."""
+        return None
+
+    def __init__(self, spec):
+        """Resolved against the spec: DataError for lengths or ids it cannot work with."""
+
+    def check_target(self, spec) -> None:
+        """DataError when its targets cannot fit data.max_tgt_len (once per dataset)."""
+
+    def chunk_len(self) -> float:
+        """Raw tokens of a chunk (its mean when chunks differ): exact packing and per-block chunk counts."""
+        raise NotImplementedError
+
+    def max_chunk(self) -> int:
+        """Unpacked text: a document's tokens kept."""
+        return int(self.chunk_len())
+
+    def block_chunks(self, n: int, rng):
+        """-> (raw length of each of a block's n chunks: one int or n, a tag per chunk appended to its
+        item or None); rng() gives the block's keyed RNG."""
+        return int(self.chunk_len()), None
+
+    def start(self, spec, c: int, ex: dict, item: tuple, keyed):
+        """Begins the example of one position of dataset c: item is the reader's ((key, tokens[, segment
+        ids][, tag]) for text, (key, (src, tgt)) for pairs); keyed() is the example's RNG (re-keyed by
+        the next example: every draw happens here). Sets ex["src"], ex["tgt"] and returns None, or
+        returns what finish() completes together with the other examples of the batch."""
+        raise NotImplementedError
+
+    def finish(self, spec, pending: list) -> None:
+        """Completes the examples start() returned, all at once."""
+
+
+class Pairs(Objective):
+    """Source -> target pairs as they are."""
+    name, reads, needs_sentinels = "pairs", "pairs", False
+
+    def start(self, spec, c, ex, item, keyed):
+        ex["src"], ex["tgt"] = item[1]
+
+
+class SpanCorruption(Objective):
+    """T5 span corruption (module docstring) at data.noise_density, data.mean_span_length; chunks of
+    spec.raw_len tokens fill data.max_src_len."""
+    name, exact_packing, segments = "span", True, True
+
+    def __init__(self, spec):
+        self.raw_len = spec.raw_len
+
+    def chunk_len(self) -> int:
+        return self.raw_len
+
+    def check_target(self, spec) -> None:
+        need = span_target_length(spec.max_src_len, spec.noise_density, spec.mean_span_length)
+        if need > spec.max_tgt_len:
+            raise DataError(f"data.max_tgt_len={spec.max_tgt_len} is shorter than the span-corruption "
+                            f"target ({need} tokens for data.max_src_len={spec.max_src_len})")
+
+    def start(self, spec, c, ex, item, keyed):
+        rng = keyed()
+        seg = item[2] if spec.pack_attention and len(item) > 2 else None
+        if spec.geometry[c].packed and len(item[1]) == self.raw_len:     # full rows: corrupted together
+            return ex, item[1], rng.random(len(item[1]) - 2), seg
+        ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length, spec.sentinels, rng)
+        if seg is not None:                                              # the same uniforms again, for the segments
+            u = keyed().random((1, max(0, len(seg) - 2)))
+            ex["segments"] = (corrupted_segments(seg[None], spec.noise_density, spec.mean_span_length, u)[0]
+                              if len(seg) >= 2 else np.append(seg, seg[-1]))
+
+    def finish(self, spec, pending: list) -> None:
+        u = np.stack([p[2] for p in pending])
+        src, tgt = span_corrupt_rows(np.stack([p[1] for p in pending]), spec.noise_density, spec.mean_span_length,
+                                     spec.sentinels, u)
+        for (ex, _, _, _), x, y in zip(pending, src, tgt):
+            ex["src"], ex["tgt"] = x, y
+        if spec.pack_attention:
+            segs = corrupted_segments(np.stack([p[3] for p in pending]), spec.noise_density,
+                                      spec.mean_span_length, u)
+            for (ex, _, _, _), sg in zip(pending, segs):
+                ex["segments"] = sg
+
+
+
+# ----------------------------------------------------------------------------- batches
 
 def placeholder(key: str = "") -> dict:
     """A sample that keeps a batch slot filled but carries no loss (all labels ignored)."""

@@ -8,11 +8,11 @@ from itertools import islice
 import numpy as np
 
 from data.mixture import Component
-from data.objectives import sample_kind
 from data.packed import Block, EpochLayout, IndexCache, chunk_from_blocks, stream_range
 from data.packing import pack_block
 from data.rawtext import decode_raw
 from data.records import BadSamples, decode
+from data.registry import sample_kind
 from data.sources import Shard
 from data.spec import StreamSpec
 from data.tar import ShardError, iter_samples
@@ -126,19 +126,16 @@ class StreamReader:
         if spec.shuffle:
             perm = seeded_rng(spec.seed, self.c, e, self.v, b).permutation(n_docs)
             docs = [docs[k] for k in perm]
-        ul2 = self.comp.objective == "ul2"
-        if geo.packed:
-            raw = spec.raw_len
-            if ul2:                                     # each chunk its denoiser's length, keyed by the block
-                ds = spec.ul2_plan.draw(seeded_rng(spec.seed, self.c, e, self.v, b, 13), n_items)
-                raw = [spec.ul2_plan.raw[d] for d in ds]
+        obj = spec.objectives[self.comp.objective]
+        if geo.packed:                                  # chunk lengths (and tags: UL2's denoisers) keyed by the block
+            raw, tags = obj.block_chunks(n_items, lambda: seeded_rng(spec.seed, self.c, e, self.v, b, 13))
             items, (dropped, repeated) = pack_block([d for _, d in docs], [k for k, _ in docs], n_items, raw)
-            if ul2:
-                items = [None if it is None else (*it, int(d)) for it, d in zip(items, ds)]
+            if tags is not None:
+                items = [None if it is None else (*it, int(t)) for it, t in zip(items, tags)]
             self.stats["dropped_tokens"] += dropped
             self.stats["repeated_tokens"] += repeated
-        elif self.comp.objective != "pairs":
-            n = max(spec.ul2_plan.raw) if ul2 else spec.raw_len
+        elif obj.reads == "text":
+            n = obj.max_chunk()
             items = [(k, d[:n]) if d is not None else None for k, d in docs]
         else:
             items = [(k, d) if d is not None else None for k, d in docs]
@@ -155,7 +152,7 @@ class StreamReader:
         it = self.item(*divmod(i, self.geo.P))
         if it is None:
             return 0
-        return len(it[1]) if self.comp.objective != "pairs" else len(it[1][0]) + len(it[1][1])
+        return len(it[1]) if sample_kind(self.comp.objective) == "text" else len(it[1][0]) + len(it[1][1])
 
 
 class PackedReader:
@@ -176,7 +173,7 @@ class PackedReader:
         self.shared, self.index, self._blocks = shared, shared["index"], shared["blocks"]
         self._epoch = (None, None)
         per_block = self.geo.B * self.geo.T / max(1, self.geo.N)            # tokens in a block, on average
-        self.cache_blocks = max(cache_blocks, 2 + int(np.ceil(spec.raw_len / max(per_block, 1.0))))
+        self.cache_blocks = max(cache_blocks, 2 + int(np.ceil(self.geo.raw_len / max(per_block, 1.0))))
         self._cur = None                      # (epoch, next document, generator over the epoch's documents)
 
     def _layout(self, e: int) -> EpochLayout:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from data.config import DataConfig
 from data.mixture import Component
-from data.objectives import sample_kind
 from data.rawtext import RawText
+from data.registry import sample_kind
 from data.scan import detect_tokens, scan
 from data.sources import DataError, exists_all, find_manifest, load_manifest_at, resolve_source, shard_urls
 from data.tokenizer import tokenizer_file, tokenizer_hash

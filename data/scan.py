@@ -75,7 +75,7 @@ def scan(urls: list[str], kind: str, raw: RawText | None, cache_dir: str = "", f
          share: tuple[int, int] = (0, 1)) -> list[Shard]:
     """Shards (counted, with length indexes for text) of a source without a manifest.
 
-    kind: "text" or "pairs" (objectives.sample_kind); raw: how text samples are tokenized, None
+    kind: "text" or "pairs" (registry.sample_kind); raw: how text samples are tokenized, None
     for samples of token ids."""
     settings = {"v": VERSION, "kind": kind, "fields": list(raw.fields) if raw else None,
                 "tokenizer": tokenizer_hash(raw.tokenizer) if raw and kind == "text" else None}

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from data.config import DataConfig, uses
 from data.mixture import Component
-from data.objectives import raw_length_for, span_target_length
+from data.objectives import raw_length_for
 from data.packing import chunks_per_block, mean_doc_tokens
 from data.packed import has_index
+from data.registry import OBJECTIVES
 from data.sources import DataError
 from data.tokenizer import load_tokenizer, sentinel_ids, tokenizer_file
-from data.ul2 import Plan, default_table, mode_ids
 
 log = logging.getLogger("encdec.data")
 
@@ -24,19 +24,22 @@ log = logging.getLogger("encdec.data")
 @dataclass(frozen=True)
 class Vocab:
     """What the run's tokenizer decides for a stream (vocab_of): its size (> 0: ids at or above it
-    are bad samples), its <extra_id_0>, <extra_id_1>, ... ids and the UL2 denoisers' mode token ids
-    (-1 = none)."""
+    are bad samples), its <extra_id_0>, <extra_id_1>, ... ids, and per objective used the ids it
+    needs (Objective.vocab: e.g. the UL2 denoisers' mode token ids, -1 = none) as (name, ids) pairs."""
     size: int
     sentinel_ids: tuple
-    ul2_modes: tuple = ()
+    ids: tuple = ()
+
+    def of(self, objective: str, default=()):
+        return dict(self.ids).get(objective, default)
 
 
 def vocab_of(tokenizer: str, d: DataConfig) -> Vocab:
-    """The tokenizer (a tokenizer.json, a prepared folder or a Hugging Face folder) -> Vocab; the UL2
-    mode tokens of data.ul2 must be in it (DataError naming data.ul2[i].mode otherwise)."""
+    """The tokenizer (a tokenizer.json, a prepared folder or a Hugging Face folder) -> Vocab; what an
+    objective needs must be in it (DataError naming the setting otherwise, e.g. data.ul2[i].mode)."""
     tok = load_tokenizer(tokenizer_file(tokenizer))
-    modes = mode_ids(d.ul2 or default_table(), tok.token_to_id) if uses(d, "ul2") else []
-    return Vocab(tok.get_vocab_size(), tuple(sentinel_ids(tok)), tuple(modes))
+    ids = [(name, o.vocab(tok, d)) for name, o in OBJECTIVES.items() if uses(d, name)]
+    return Vocab(tok.get_vocab_size(), tuple(sentinel_ids(tok)), tuple((n, v) for n, v in ids if v is not None))
 
 
 @dataclass
@@ -64,7 +67,6 @@ class StreamSpec:
     max_bad_samples = property(lambda self: self.data.max_bad_samples)
     bucket_window = property(lambda self: self.data.bucket_window if self.shuffle else 0)
     vocab_size = property(lambda self: self.vocab.size)
-    ul2_modes = property(lambda self: list(self.vocab.ul2_modes))
 
     def __post_init__(self):
         if not self.components:
@@ -75,19 +77,22 @@ class StreamSpec:
         if len(self.components) > 1 and not self.shuffle:
             raise DataError("validation data must be a single dataset, not a mixture")
         self.sentinels = list(self.vocab.sentinel_ids)
-        if any(c.objective != "pairs" for c in self.components) and not self.sentinels:
+        if any(OBJECTIVES[c.objective].needs_sentinels for c in self.components) and not self.sentinels:
             raise DataError("span corruption needs sentinel tokens, and the tokenizer has none "
                             "(no <extra_id_0>; use one with <extra_id_N> tokens, e.g. one `encdec prepare` trains)")
-        self.ul2_plan = None
-        if any(c.objective == "ul2" for c in self.components):
-            self.ul2_plan = Plan(self.data.ul2 or default_table(), self.ul2_modes, self.max_src_len,
-                                 self.max_tgt_len, len(self.sentinels))
+        # span corruption's chunk length: the raw tokens whose corrupted input fills data.max_src_len
         self.raw_len = raw_length_for(self.max_src_len, self.noise_density, self.mean_span_length)
+        self.objectives = {}                           # name -> the objective resolved against this spec
+        for c in self.components:
+            if c.objective not in self.objectives:
+                self.objectives[c.objective] = OBJECTIVES[c.objective](self)
         self.geometry = [Geometry(self, c) for c in self.components]
         self.epoch_positions = sum(g.E for g in self.geometry)
-        if self.pack_attention and not all(g.exact for g in self.geometry if g.packed):
+        if self.pack_attention and not all(g.exact and self.objectives[c.objective].segments
+                                           for g, c in zip(self.geometry, self.components) if g.packed):
+            with_segments = " or ".join(n for n, o in OBJECTIVES.items() if o.segments)
             raise DataError("data.pack_attention needs exactly packed span data: length indexes in the text "
-                            "data (add them: python -m data.index DIR), objective span (not ul2)")
+                            f"data (add them: python -m data.index DIR), objective {with_segments}")
 
 
 class Geometry:
@@ -102,47 +107,41 @@ class Geometry:
     def __init__(self, spec: StreamSpec, comp: Component):
         V, self.B, self.V = spec.num_streams, spec.shuffle_block, spec.num_streams
         self.N = sum(s.num_samples for s in comp.shards)
-        self.exact = comp.objective == "span" and spec.pack and has_index(comp.shards)
+        obj = spec.objectives[comp.objective]
+        self.exact = obj.exact_packing and spec.pack and has_index(comp.shards)
         if self.exact:
             self.T = sum(s.doc_tokens for s in comp.shards)
             if self.T == 0:
                 raise DataError(f"no tokens in {comp.shards[0].url}...")
-            self.packed, self.raw_len = True, spec.raw_len
-            self.E = -(-self.T // spec.raw_len)
+            self.packed, self.raw_len = True, int(obj.chunk_len())
+            self.E = -(-self.T // self.raw_len)
             self.P = -(-self.E // V)
-            self.K = max(1, int(self.B * self.T / self.N) // spec.raw_len)
-            self._check_target(spec, comp)
+            self.K = max(1, int(self.B * self.T / self.N) // self.raw_len)
+            obj.check_target(spec)
             return
         self.L = -(-self.N // V) if not spec.shuffle else self.N // V
         if self.L == 0:
             raise DataError(f"{self.N} samples in {comp.shards[0].url}... cannot fill data.num_streams={V} streams")
         self.n_blocks = -(-self.L // self.B)
         last = self.L - (self.n_blocks - 1) * self.B
-        self.packed = comp.objective in ("span", "ul2") and spec.pack
+        self.packed = obj.reads == "text" and spec.pack
         if self.packed:
             mean = mean_doc_tokens(comp.shards)
             if mean <= 0:
                 raise DataError(f"packing needs token counts in the manifest of {comp.shards[0].url} "
                                 "(or set data.pack=false)")
-            if comp.objective == "span":
+            if obj.exact_packing:
                 log.warning("data: %s has no length index: packing falls back to per-block chunk counts, which "
                             "drop and repeat tokens (add one: python -m data.index %s)", comp.shards[0].url,
                             comp.shards[0].url.rsplit("/", 1)[0])
-            raw = spec.ul2_plan.mean_raw if comp.objective == "ul2" else spec.raw_len   # UL2: per-block counts
+            raw = obj.chunk_len()                      # chunks of different lengths (UL2): their mean
             self.K = chunks_per_block(self.B, mean, raw)
             self.K_last = chunks_per_block(last, mean, raw)
         else:
             self.K, self.K_last = self.B, last
         self.P = (self.n_blocks - 1) * self.K + self.K_last
         self.E = V * self.P
-        self._check_target(spec, comp)
-
-    def _check_target(self, spec: StreamSpec, comp: Component):
-        if comp.objective == "span":
-            need = span_target_length(spec.max_src_len, spec.noise_density, spec.mean_span_length)
-            if need > spec.max_tgt_len:
-                raise DataError(f"data.max_tgt_len={spec.max_tgt_len} is shorter than the span-corruption "
-                                f"target ({need} tokens for data.max_src_len={spec.max_src_len})")
+        obj.check_target(spec)
 
     def split(self, q: int) -> tuple[int, int, int]:
         """Dataset position q (row x V + stream, over all epochs) -> (stream, epoch, example index in the stream)."""

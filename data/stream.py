@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from data.mixture import Schedule
-from data.objectives import collate, corrupted_segments, placeholder, span_corrupt, span_corrupt_rows
+from data.objectives import collate, placeholder
 from data.packing import bucket_assign
 from data.reader import PackedReader, StreamReader, seeded_rng
 from data.records import BadSamples
@@ -140,9 +140,10 @@ class Layout:
         return self._buckets[(c, v)][1][g // self.V]
 
     def examples(self, gs: list[int]) -> list[dict]:
-        """The examples at global positions gs. Packed span rows (all raw_len long) are corrupted
-        together; each one's noise still depends on its own position only."""
-        spec, out, packed, ul2 = self.spec, [], [], []
+        """The examples at global positions gs, made by their datasets' objectives (data/registry.py).
+        An objective may complete its examples together (packed span rows, all raw_len long, are
+        corrupted at once); each one's noise still depends on its own position only."""
+        spec, out, pending = self.spec, [], {}
         for g in gs:
             if not spec.shuffle and g >= spec.epoch_positions:
                 out.append(placeholder())                          # validation: past the last sample
@@ -155,43 +156,13 @@ class Layout:
             comp = spec.components[c]
             ex = {"key": f"{comp.name}/{item[0]}" if comp.name else item[0]}
             out.append(ex)
-            if comp.objective == "pairs":
-                ex["src"], ex["tgt"] = item[1]
-                continue
             e, cursor = divmod(g, spec.epoch_positions)
-            rng = self.noise_rng(spec.seed, c, e, cursor)
-            seg = item[2] if spec.pack_attention and comp.objective == "span" and len(item) > 2 else None
-            if comp.objective == "ul2":
-                plan = spec.ul2_plan
-                d = item[2] if spec.geometry[c].packed else int(plan.draw(rng, 1)[0])
-                row = item[1][:plan.raw[d]]
-                ul2.append((ex, row, d, plan.noise(d, len(row), rng)))
-                ex["denoiser"] = d
-            elif spec.geometry[c].packed and len(item[1]) == spec.raw_len:
-                packed.append((ex, item[1], rng.random(len(item[1]) - 2), seg))
-            else:
-                ex["src"], ex["tgt"] = span_corrupt(item[1], spec.noise_density, spec.mean_span_length,
-                                                    spec.sentinels, rng)
-                if seg is not None:                                # the same uniforms again, for the segments
-                    u = self.noise_rng(spec.seed, c, e, cursor).random((1, max(0, len(seg) - 2)))
-                    ex["segments"] = (corrupted_segments(seg[None], spec.noise_density, spec.mean_span_length, u)[0]
-                                      if len(seg) >= 2 else np.append(seg, seg[-1]))
-        if packed:
-            u = np.stack([p[2] for p in packed])
-            src, tgt = span_corrupt_rows(np.stack([p[1] for p in packed]), spec.noise_density, spec.mean_span_length,
-                                         spec.sentinels, u)
-            for (ex, _, _, _), x, y in zip(packed, src, tgt):
-                ex["src"], ex["tgt"] = x, y
-            if spec.pack_attention:
-                segs = corrupted_segments(np.stack([p[3] for p in packed]), spec.noise_density,
-                                          spec.mean_span_length, u)
-                for (ex, _, _, _), sg in zip(packed, segs):
-                    ex["segments"] = sg
-        if ul2:
-            made = spec.ul2_plan.examples([u[1] for u in ul2], [u[2] for u in ul2], [u[3] for u in ul2],
-                                          spec.sentinels)
-            for (ex, *_), (x, y) in zip(ul2, made):
-                ex["src"], ex["tgt"] = x, y
+            p = spec.objectives[comp.objective].start(spec, c, ex, item,
+                                                      lambda k=(spec.seed, c, e, cursor): self.noise_rng(*k))
+            if p is not None:
+                pending.setdefault(comp.objective, []).append(p)
+        for name, ps in pending.items():
+            spec.objectives[name].finish(spec, ps)
         return out
 
 

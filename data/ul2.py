@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.objectives import _counts, as_sentinel_ids, raw_length_for, span_corrupt_rows, span_target_length
+from data.objectives import Objective, _counts, as_sentinel_ids, raw_length_for, span_corrupt_rows, span_target_length
 from data.sources import DataError
 from data.tokenizer import EOS_ID
 
@@ -163,3 +163,52 @@ class Plan:
         prefix = row[:L - s][max(0, L - s - keep):]
         return (self._with_mode(np.append(prefix, EOS_ID).astype(np.int32), d),
                 np.append(row[L - s:], EOS_ID).astype(np.int32))
+
+
+class UL2(Objective):
+    """The objective data.objective=ul2: the table data.ul2 (its default: default_table()) resolved
+    into a Plan; packed chunks are tagged with their denoiser (keyed by the block), unpacked
+    examples draw theirs first from their own RNG."""
+    name = "ul2"
+
+    @classmethod
+    def check(cls, d, used: bool) -> list[tuple[str, str]]:
+        if not (d.ul2 or used):
+            return []
+        try:
+            d.ul2 = parse_table(d.ul2)
+        except ValueError as e:                          # the message names data.ul2[i].field
+            key, _, msg = str(e).partition(": ")
+            return [(key.split("'")[1] if "'" in key else "data.ul2", msg or str(e))]
+        return []
+
+    @classmethod
+    def vocab(cls, tok, d) -> tuple:
+        return tuple(mode_ids(d.ul2 or default_table(), tok.token_to_id))
+
+    def __init__(self, spec):
+        self.plan = Plan(spec.data.ul2 or default_table(), list(spec.vocab.of(self.name)), spec.max_src_len,
+                         spec.max_tgt_len, len(spec.sentinels))
+
+    def chunk_len(self) -> float:
+        return self.plan.mean_raw
+
+    def max_chunk(self) -> int:
+        return max(self.plan.raw)
+
+    def block_chunks(self, n: int, rng):
+        ds = self.plan.draw(rng(), n)                     # each chunk its denoiser's length
+        return [self.plan.raw[d] for d in ds], ds
+
+    def start(self, spec, c, ex, item, keyed):
+        rng, plan = keyed(), self.plan
+        d = item[2] if spec.geometry[c].packed else int(plan.draw(rng, 1)[0])
+        row = item[1][:plan.raw[d]]
+        ex["denoiser"] = d
+        return ex, row, d, plan.noise(d, len(row), rng)
+
+    def finish(self, spec, pending: list) -> None:
+        made = self.plan.examples([p[1] for p in pending], [p[2] for p in pending], [p[3] for p in pending],
+                                  spec.sentinels)
+        for (ex, *_), (x, y) in zip(pending, made):
+            ex["src"], ex["tgt"] = x, y

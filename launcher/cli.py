@@ -13,6 +13,7 @@ import sys
 
 from common.atomic import atomic_write
 from common.errors import UserError
+from data.registry import OBJECTIVES
 from launcher import run_files
 from launcher.config import load_config
 from launcher.signals import StopSignal
@@ -205,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="loss/perplexity (and BLEU/chrF for pairs) of a converted model on prepared shards")
     s.add_argument("model_dir")
     s.add_argument("data", help="a prepared folder, manifest or shard pattern (as data.valid)")
-    s.add_argument("--objective", choices=["pairs", "span", "ul2"], help="default: the run's data.objective")
+    s.add_argument("--objective", choices=list(OBJECTIVES), help="default: the run's data.objective")
     s.add_argument("--batch-size", type=int, default=32, help="examples per batch (regrouped by length)")
     s.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
     s.add_argument("--max-generate", type=int, default=None,

@@ -34,6 +34,8 @@ class ModelConfig:
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_id: int = 0    # the decoder input starts with <pad>, as in Pegasus, Marian and T5
+    forced_bos_id: int = -1      # the first generated token, forced (HF forced_bos_token_id: BART's <s>); -1 = none
+    forced_eos_id: int = -1      # the last token when generation reaches its length (HF forced_eos_token_id); -1 = none
 
     def check(self) -> list[tuple[str, str]]:
         """[(key, problem)] for values no architecture can be built with; subclasses add theirs."""

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from model import t5, t5_hf, transformer, transformer_hf
+from model import bart, bart_hf, t5, t5_hf, transformer, transformer_hf
 from model.arch import Architecture
 from model.config import ModelConfig
 
@@ -27,6 +27,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  activation_terms=t5.activation_terms, attention_width=t5.attention_width, describe=t5.describe,
                  ffn_matrices=3, document_attention=False,
                  meta={"document_attention": "t5 adds its relative position bias, not built with per-document masks"}),
+    Architecture(name="bart", config=bart.BartConfig, model=bart.Bart, hf=bart_hf.ADAPTER, tp_plan=bart.TP_PLAN,
+                 activation_terms=bart.activation_terms, attention_width=bart.attention_width,
+                 describe=bart.describe, document_attention=False,
+                 meta={"document_attention": "bart is not built with per-document masks"}),
 )}
 ARCHS = tuple(ARCHITECTURES)
 

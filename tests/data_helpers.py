@@ -10,5 +10,6 @@ OWN_SENTINELS = tuple(range(3, 103))        # <extra_id_0..99> of the tokenizers
 def stream_spec(shards=None, objective="pairs", components=None, global_batch=8, shuffle=True, sentinel_ids=None,
                 ul2_modes=(), vocab_size=0, **data) -> StreamSpec:
     comps = components or [Component("", list(shards), objective)]
-    vocab = Vocab(vocab_size, OWN_SENTINELS if sentinel_ids is None else tuple(sentinel_ids), tuple(ul2_modes))
+    ids = (("ul2", tuple(ul2_modes)),) if ul2_modes else ()
+    vocab = Vocab(vocab_size, OWN_SENTINELS if sentinel_ids is None else tuple(sentinel_ids), ids)
     return StreamSpec(DataConfig(**data), comps, global_batch, shuffle, vocab)

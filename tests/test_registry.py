@@ -17,6 +17,8 @@ TINY = {
     "transformer": [dict(norm="pre"), dict(norm="post", activation="gelu")],
     "t5": [dict(head_dim=6, relative_attention_num_buckets=8, relative_attention_max_distance=12,
                 layer_norm_eps=1e-6), dict(tie_embeddings=True, layer_norm_eps=1e-6)],
+    "bart": [dict(activation_dropout=0.1, attention_dropout=0.1),
+             dict(scale_embedding=True, activation="relu", decoder_start_id=1, forced_bos_id=2)],
 }
 BASE = dict(vocab_size=96, real_vocab_size=90, d_model=32, n_heads=4, d_ff=48, n_encoder_layers=2,
             n_decoder_layers=2, dropout=0.0, max_positions=64)

@@ -63,7 +63,8 @@ def _check(ex, row, d, plan, sentinels, modes):
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
 def test_denoiser_statistics_match_the_table_and_examples_reassemble(corpus, pack):
     spec = _spec(corpus, pack=pack)
-    plan, sentinels, modes = spec.ul2_plan, spec.sentinels, spec.ul2_modes
+    plan, sentinels = spec.objectives["ul2"].plan, spec.sentinels
+    modes = plan.modes
     layout = Layout(spec)
     stats = defaultdict(lambda: [0, 0, 0, 0])                   # noise, spans, tokens, examples
     n = 3000                                                    # across epochs when an epoch is shorter

@@ -92,8 +92,10 @@ def convert(checkpoint: str, out: str, overwrite: bool = False, verify: bool = T
                 saved = json.load(f)
             with open(path, "w", encoding="utf-8") as f:
                 json.dump({**saved, **overrides}, f, indent=2, sort_keys=True)
+        forced = mc.forced_bos_id if mc.forced_bos_id >= 0 else None     # BART's <s> after the start token
         GenerationConfig(decoder_start_token_id=mc.decoder_start_id, eos_token_id=mc.eos_id, pad_token_id=mc.pad_id,
-                         bos_token_id=mc.decoder_start_id,
+                         bos_token_id=mc.decoder_start_id if forced is None else forced, forced_bos_token_id=forced,
+                         forced_eos_token_id=mc.forced_eos_id if mc.forced_eos_id >= 0 else None,
                          max_new_tokens=cfg.data.max_tgt_len).save_pretrained(tmp)
         write_hf_weights(reader, os.path.join(tmp, "model.safetensors"), progress=progress)
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.data.max_src_len)
