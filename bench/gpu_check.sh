@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The performance targets that need a GPU, in one prepared run (one H100/H200; about 6 minutes, each
+# The performance targets that need a GPU, in one prepared run (one H100/H200; under 8 minutes, each
 # part under its own timeout; bench/gpu_check.py says what each part runs), ending with one table:
 #   the first step's matmul dtypes (bf16 means bf16), trainer / bare loop / stock HF tokens/s and
 #   ratios (eager and compiled; target trainer >= 1.3x HF, compiled >= 1.15x eager), the trainer's
@@ -16,4 +16,4 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|',
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-exec "$PY" bench/gpu_check.py --parts "${PARTS:-base,1b,eval}" --steps "${STEPS:-12}" ${OUT:+--out "$OUT"}
+exec "$PY" bench/gpu_check.py --parts "${PARTS:-base,1b,eval,compiled}" --steps "${STEPS:-12}" ${OUT:+--out "$OUT"}

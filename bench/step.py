@@ -126,27 +126,32 @@ def contenders(cfg, device, args) -> dict:
     return out
 
 
-def _timed_step(runner, b, device, syncs):
-    """One step, timed with the device synchronized around it; trainers are counted for host syncs."""
-    counting = syncs is not None and isinstance(runner, BenchTrainer)
-    cuda_syncs = 0
+def _timed_step(runner, b, device) -> float:
+    """One step, timed with the device synchronized around it."""
+    _sync(device)
+    t0 = time.perf_counter()
+    runner.step(b)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _counted_step(runner, b, device, syncs) -> tuple[dict, int]:
+    """One (untimed: counting costs time) trainer step: its host reads by who asked, and on CUDA the
+    synchronizing operations torch's sync debug mode reports."""
     with warnings.catch_warnings(record=True) as w:
-        if counting and device.startswith("cuda"):
+        on_cuda = device.startswith("cuda")
+        if on_cuda:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-        _sync(device)
-        t0 = time.perf_counter()
-        if counting:
-            syncs.active = True
-        runner.step(b)
-        if counting:
+        syncs.active = True
+        try:
+            runner.step(b)
+        finally:
             syncs.active = False
+            if on_cuda:
+                torch.cuda.set_sync_debug_mode("default")
         _sync(device)
-        dt = time.perf_counter() - t0
-        if counting and device.startswith("cuda"):
-            torch.cuda.set_sync_debug_mode("default")
-            cuda_syncs = sum("synchroniz" in str(x.message) for x in w)
-    return dt, cuda_syncs
+    return syncs.take(), sum("synchroniz" in str(x.message) for x in w)
 
 
 def _predict(cfg, name, runner, device, cal_cache):
@@ -221,19 +226,21 @@ def main(argv=None) -> int:
                 predicted[name] = _predict(cfg, name, runners[name], device, cal_cache)
     names = list(runners)
     times = {n: [] for n in names}
+    for r in range(args.warmup + args.steps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            dt = _timed_step(runners[n], batches[r % 2], device)
+            if r >= args.warmup:
+                times[n].append(dt)
     syncs = HostSyncs().install()
     host_reads = {n: [] for n in names if isinstance(runners[n], BenchTrainer)}
     cuda_syncs = {n: [] for n in host_reads}
     try:
-        for r in range(args.warmup + args.steps):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for n in order:
-                dt, cs = _timed_step(runners[n], batches[r % 2], device, syncs if r >= args.warmup else None)
-                if r >= args.warmup:
-                    times[n].append(dt)
-                    if n in host_reads:
-                        host_reads[n].append(syncs.take())
-                        cuda_syncs[n].append(cs)
+        for n in host_reads:                            # after the timing: counting slows the steps it counts
+            for k in range(2):
+                reads, cs = _counted_step(runners[n], batches[k], device, syncs)
+                host_reads[n].append(reads)
+                cuda_syncs[n].append(cs)
     finally:
         syncs.uninstall()
     report(cfg, args, device, names, times, peaks, cuda_peaks, first, tokens, precision_check, host_reads,
