@@ -1,9 +1,12 @@
 """What bench/step.py times: the trainer's step, the same model in a bare loop, the stock HF class."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from launcher.parallel import ParallelDims
+from launcher.parallel.dims import effective_zero_stage
 from launcher.parallel.plan import compile_layers
 from launcher.precision import precision_of
 from launcher.training.engine import build_optimizer, to_device
@@ -26,8 +29,13 @@ class BenchTrainer:
     """The trainer's step (TrainStep, through the constructor the trainer uses), without the data
     stream, monitor and checkpoint machinery the bench does not time."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, force_zero: bool = False):
+        """force_zero: the configured ZeRO stage even at one data-parallel rank (where the trainer
+        runs ZeRO 0: launcher/parallel/dims.py effective_zero_stage)."""
         t = cfg.train
+        if not force_zero:
+            cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                cfg.parallel, zero_stage=effective_zero_stage(cfg.parallel.zero_stage, 1)))
         torch.manual_seed(t.seed)
         self.fn = TrainStep(cfg, ParallelDims.from_world(1, 1).build(0), device, 1,
                             StepGuard(t.max_bad_steps, t.spike_z, t.spike_window))

@@ -34,7 +34,7 @@ overhead over the bare loop (median of the per-round ratios; at --zero 0 the eng
 same torch AdamW as the bare loop, so this is the trainer's own cost; at ZeRO 1-3 it adds
 DeepSpeed's partitioned optimizer, which buys memory only with more than one data-parallel rank), peak memory, and MFU where the device's peak is known
 (launcher/flops.py; ENCDEC_PEAK_FLOPS sets it on any device). Peak memory is measured for
-each contender alone, from building it to the end of its first step, as the peak of live tensor
+each contender alone, from building it to the end of its second step, as the peak of live tensor
 bytes (bench/measure.PeakMemory: every storage an operator creates, counted until it
 is freed), on CPU and GPU alike; on GPUs torch.cuda.max_memory_allocated of that phase too.
 """
@@ -88,6 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default 8000)")
     p.add_argument("--skip-hf", action="store_true", help="trainer and bare loop only")
+    p.add_argument("--force-zero", action="store_true",
+                   help="run the configured ZeRO stage at one data-parallel rank (the trainer runs ZeRO 0 there)")
+    p.add_argument("--forced-zeros", help="comma-separated ZeRO stages run as configured even at one rank "
+                                          "(contenders deepspeed-zN: DeepSpeed's own cost there)")
     return p.parse_args(argv)
 
 
@@ -115,10 +119,13 @@ def contenders(cfg, device, args) -> dict:
     out = {}
     for z in zeros:
         name = f"trainer-z{z}" if args.zeros else "trainer"
-        out[name] = (lambda z=z: BenchTrainer(_with(cfg, zero_stage=z), device))
+        out[name] = (lambda z=z: BenchTrainer(_with(cfg, zero_stage=z), device, args.force_zero))
+    for z in ([int(x) for x in args.forced_zeros.split(",")] if args.forced_zeros else []):
+        out[f"deepspeed-z{z}"] = (lambda z=z: BenchTrainer(_with(cfg, zero_stage=z), device, True))
     out["bare"] = lambda: BareLoop(cfg, device, hf=False)
     if args.compiled:
-        out[f"{next(iter(out))}+compile"] = lambda: BenchTrainer(_with(cfg, zero_stage=zeros[0], compile=True), device)
+        out[f"{next(iter(out))}+compile"] = lambda: BenchTrainer(_with(cfg, zero_stage=zeros[0], compile=True), device,
+                                                                 args.force_zero)
         if args.compiled == "all":
             out["bare+compile"] = lambda: BareLoop(cfg, device, hf=False, compile=True)
     if not args.skip_hf:
@@ -206,14 +213,15 @@ def main(argv=None) -> int:
     batches = [random_batch(cfg, s) for s in range(2)]
     runners, peaks, cuda_peaks, first, predicted, cal_cache = {}, {}, {}, {}, {}, {}
     precision_check = None
-    for name, make in contenders(cfg, device, args).items():      # each alone: build + first step under the tracker
+    for name, make in contenders(cfg, device, args).items():      # each alone: build + 2 steps under the tracker
         if on_cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        with PeakMemory() as pm:
+        with PeakMemory() as pm:           # two steps: the first creates the optimizer state
             runners[name] = make()
             out = runners[name].step(batches[0])
+            runners[name].step(batches[1])
             _sync(device)
         first[name] = float(out)
         peaks[name] = pm.peak

@@ -20,7 +20,7 @@ from launcher.checkpoint.vocab import fit_run_vocab
 from launcher.config import RunConfig
 from launcher.dist_env import DistEnv, export_torch_env, for_this_process, read_env
 from launcher.faults import Faults
-from launcher.parallel.dims import check_local_gpus, validate_layout
+from launcher.parallel.dims import check_local_gpus, effective_zero_stage, validate_layout
 from launcher.signals import StopSignal
 from launcher.training.inputs import resolve_inputs
 from launcher.training.trainer import Trainer
@@ -32,6 +32,12 @@ def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Train
            "slurm": f"{env.local_world_size} Slurm tasks per node"}.get(env.launcher, "")
     check_local_gpus(env.local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), how)
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
+    zero = effective_zero_stage(cfg.parallel.zero_stage, dims.dp)
+    if zero != cfg.parallel.zero_stage:
+        if env.rank == 0:
+            print(f"parallel.zero_stage={cfg.parallel.zero_stage} with one data-parallel rank partitions nothing: "
+                  f"running ZeRO {zero} (the effective config says so)", flush=True)
+        cfg.parallel.zero_stage = zero
     inputs = resolve_inputs(cfg, share=(env.rank, env.world_size))
     fit_run_vocab(cfg, strict=False)
     export_torch_env(for_this_process(env))

@@ -27,12 +27,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHUNK_BYTES = 64 * 2 ** 20     # fp32 logits per chunk: 64 MiB (512 tokens of a 32k vocabulary)
+CHUNK_BYTES = 64 * 2 ** 20      # fp32 logits per chunk on the CPU: 64 MiB (512 tokens of a 32k vocabulary)
+GPU_CHUNK_BYTES = 2 * 2 ** 30   # on a GPU: 2 GiB (16k tokens of 32k): the chunk loop is memory-bound
+                                # passes and kernel launches, which cost more time there than the memory saves
 
 
-def chunk_tokens(n_vocab_local: int, chunk: int = 0) -> int:
-    """Tokens per chunk: `chunk` if > 0, else as many as fit CHUNK_BYTES of fp32 logits."""
-    return chunk if chunk > 0 else max(1, CHUNK_BYTES // (4 * max(n_vocab_local, 1)))
+def chunk_tokens(n_vocab_local: int, chunk: int = 0, gpu: bool = False) -> int:
+    """Tokens per chunk: `chunk` if > 0, else as many as fit CHUNK_BYTES (GPU_CHUNK_BYTES on a GPU)
+    of fp32 logits."""
+    budget = GPU_CHUNK_BYTES if gpu else CHUNK_BYTES
+    return chunk if chunk > 0 else max(1, budget // (4 * max(n_vocab_local, 1)))
 
 
 def _chunk_logits(hc, weight, bias):
@@ -144,7 +148,7 @@ def linear_cross_entropy(h, weight, bias, labels, *, chunk: int = 0, ignore_inde
     h2 = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1)
     k = smooth_classes or weight.shape[0]
-    opts = (chunk_tokens(weight.shape[0], chunk), ignore_index, float(label_smoothing), k, vocab_start,
+    opts = (chunk_tokens(weight.shape[0], chunk, h.is_cuda), ignore_index, float(label_smoothing), k, vocab_start,
             reduce_max, reduce_sum)
     return _LinearCE.apply(h2, weight, bias, lab, opts)
 

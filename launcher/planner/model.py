@@ -166,7 +166,7 @@ def _stacks(c, lay: Layout, S: int, T: int, enc_layer: float, dec_layer: float, 
 def loss_buffer(c, lay: Layout, T: int, bf16: bool, chunk: int = 0) -> float:
     V = c.vocab_size // lay.tp
     n = lay.micro * T
-    ch = min(chunk_tokens(V, chunk), n)
+    ch = min(chunk_tokens(V, chunk, gpu=True), n)                # the planner plans GPU runs
     per_tok = 4 * 6 + 8 + 1                                    # lse, statistics, labels, masks
     logits = 4 * ch * V * 2 + ((2 * ch * V) if bf16 else 0)    # a chunk's fp32 logits and its softmax/grad
     grad_w = 4 * V * c.d_model                                 # fp32 accumulator of the projection gradient
