@@ -33,9 +33,9 @@ class BenchTrainer:
         """force_zero: the configured ZeRO stage even at one data-parallel rank (where the trainer
         runs ZeRO 0: launcher/parallel/dims.py effective_zero_stage)."""
         t = cfg.train
-        if not force_zero:
-            cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
-                cfg.parallel, zero_stage=effective_zero_stage(cfg.parallel.zero_stage, 1)))
+        keep = force_zero or cfg.parallel.zero_at_one_rank
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, zero_stage=effective_zero_stage(cfg.parallel.zero_stage, 1, keep)))
         torch.manual_seed(t.seed)
         self.fn = TrainStep(cfg, ParallelDims.from_world(1, 1).build(0), device, 1,
                             StepGuard(t.max_bad_steps, t.spike_z, t.spike_window))

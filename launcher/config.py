@@ -40,6 +40,7 @@ class OptimConfig:
 class ParallelConfig:
     tp: int = 1                     # tensor-parallel degree (ranks inside a node)
     zero_stage: int = 2
+    zero_at_one_rank: bool = False  # with one data-parallel rank run zero_stage anyway (default: ZeRO 0, faster, less memory)
     activation_checkpointing: bool = False
 
 

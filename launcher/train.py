@@ -32,7 +32,7 @@ def start(cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None) -> Train
            "slurm": f"{env.local_world_size} Slurm tasks per node"}.get(env.launcher, "")
     check_local_gpus(env.local_world_size, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"), how)
     dims = validate_layout(cfg, env.world_size, env.local_world_size)
-    zero = effective_zero_stage(cfg.parallel.zero_stage, dims.dp)
+    zero = effective_zero_stage(cfg.parallel.zero_stage, dims.dp, cfg.parallel.zero_at_one_rank)
     if zero != cfg.parallel.zero_stage:
         if env.rank == 0:
             print(f"parallel.zero_stage={cfg.parallel.zero_stage} with one data-parallel rank partitions nothing: "

@@ -34,7 +34,8 @@ class _Evil:
 
 def _cases(data, base):
     good = os.path.join(base, "good")
-    t = train(data, good, "train.steps=2", "parallel.zero_stage=1", "checkpoint.every=1", "checkpoint.keep=1")
+    t = train(data, good, "train.steps=2", "parallel.zero_stage=1", "parallel.zero_at_one_rank=true",
+              "checkpoint.every=1", "checkpoint.keep=1")
     kept = sorted(os.listdir(os.path.join(good, "checkpoints")))
 
     def broken(name, fn):

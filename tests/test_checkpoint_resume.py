@@ -20,7 +20,7 @@ def _exact(data, base, stages, tp):
     out = {}
     for z in stages:
         common = (f"parallel.zero_stage={z}", f"parallel.tp={tp}", f"train.steps={N}", "model.dropout=0.1",
-                  "checkpoint.every=0")
+                  "checkpoint.every=0", "parallel.zero_at_one_rank=true")   # tp 2: DeepSpeed's ZeRO at dp 1 too
         a, b = os.path.join(base, f"z{z}-straight"), os.path.join(base, f"z{z}-resumed")
         train(data, a, *common)
         t = train(data, b, *common, stop_after=K)

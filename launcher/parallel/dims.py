@@ -209,12 +209,13 @@ def check_local_gpus(ranks_per_node: int, gpus: int, visible: str | None = None,
                       "per node, or CUDA_VISIBLE_DEVICES= to train on CPU")
 
 
-def effective_zero_stage(stage: int, dp: int) -> int:
+def effective_zero_stage(stage: int, dp: int, keep: bool = False) -> int:
     """The ZeRO stage a layout runs: ZeRO partitions over the data-parallel ranks, so with one of
     them every stage holds the whole model and only adds copies and gradient hooks (measured on an
-    H200, configs/1b.yaml on one GPU: ZeRO 1 +61% step time and +45% peak memory over ZeRO 0):
-    with dp = 1 the engine runs ZeRO 0."""
-    return stage if dp > 1 else 0
+    H200, one GPU: ZeRO 1 +74% step time and +36% peak memory over ZeRO 0 for configs/1b.yaml,
+    +94% time for transformer-base): with dp = 1 the engine runs ZeRO 0, the same optimizer math,
+    unless `keep` (parallel.zero_at_one_rank)."""
+    return stage if dp > 1 or keep else 0
 
 
 def validate_layout(cfg: RunConfig, world_size: int, ranks_per_node: int = 0) -> ParallelDims:

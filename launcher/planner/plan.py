@@ -34,7 +34,7 @@ def candidate_layouts(cfg: RunConfig, world: int, gpus_per_node: int):
         if tp > gpus_per_node or world % tp or m.n_heads % tp or m.d_ff % tp:
             continue
         dp = world // tp
-        for zero in ((0, 1, 2, 3) if dp > 1 else (0,)):        # one data-parallel rank runs ZeRO 0
+        for zero in ((0, 1, 2, 3) if dp > 1 or cfg.parallel.zero_at_one_rank else (0,)):   # dp 1 runs ZeRO 0
             try:
                 check_supported(tp, zero)
             except ConfigError:
@@ -60,7 +60,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, hw: Hardware, vocab: in
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
         raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not divide "
                           f"into micro_batch_size={cfg.train.micro_batch_size} x dp={dp} on {world} GPUs")
-    own = Layout(p.tp, dp, effective_zero_stage(p.zero_stage, dp), cfg.train.micro_batch_size,
+    own = Layout(p.tp, dp, effective_zero_stage(p.zero_stage, dp, p.zero_at_one_rank), cfg.train.micro_batch_size,
                  p.activation_checkpointing)
     cur = estimate(_cfg_for(cfg, p.tp, vocab), own, hw, calibration=calibration)
     scale = cur["compute_time_s"] / cur["heuristic_compute_time_s"] if calibration else 1.0
