@@ -30,7 +30,7 @@ from model import transformer
 from model.arch import ShardedBlock, TPPlan, embedding
 from model.config import ModelConfig, heads_divide
 from model.loss import LinearCrossEntropy
-from model.transformer import Attention, FeedForward, Sublayer, attention_mask, vocab_logits_bias
+from model.transformer import Attention, DecoderLayer, EncoderLayer, FeedForward, attention_mask, vocab_logits_bias
 
 POSITION_OFFSET = 2          # rows of each position table before position 0 (HF BartLearnedPositionalEmbedding.offset)
 INIT_STD = 0.02              # BART's init_std
@@ -68,36 +68,16 @@ class BartFeedForward(FeedForward):
         return self.fc2(self.dropout(self.act(self.fc1(x))))
 
 
-class BartEncoderLayer(nn.Module):
+class BartEncoderLayer(EncoderLayer):
     """LN(x + drop(attn(x))), LN(x + drop(ffn(x))): the seed's post-LN layer, parameter names included."""
 
     def __init__(self, c: BartConfig):
-        super().__init__()
-        self.self_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
-        self.ffn = BartFeedForward(c)
-        self.attn_block = Sublayer(c.d_model, False, c.dropout, c.layer_norm_eps)
-        self.ffn_block = Sublayer(c.d_model, False, c.dropout, c.layer_norm_eps)
-
-    def forward(self, x, src_mask):
-        x = self.attn_block(x, lambda h: self.self_attn(h, h, src_mask))
-        return self.ffn_block(x, self.ffn)
+        super().__init__(c, pre=False, ffn=lambda: BartFeedForward(c))
 
 
-class BartDecoderLayer(nn.Module):
+class BartDecoderLayer(DecoderLayer):
     def __init__(self, c: BartConfig):
-        super().__init__()
-        self.self_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
-        self.cross_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
-        self.ffn = BartFeedForward(c)
-        self.self_block = Sublayer(c.d_model, False, c.dropout, c.layer_norm_eps)
-        self.cross_block = Sublayer(c.d_model, False, c.dropout, c.layer_norm_eps)
-        self.ffn_block = Sublayer(c.d_model, False, c.dropout, c.layer_norm_eps)
-
-    def forward(self, y, memory, src_mask):
-        # causal self-attention; targets are right-padded, so causality keeps real positions off padding
-        y = self.self_block(y, lambda h: self.self_attn(h, h, None, causal=True))
-        y = self.cross_block(y, lambda h: self.cross_attn(h, memory, src_mask))
-        return self.ffn_block(y, self.ffn)
+        super().__init__(c, pre=False, ffn=lambda: BartFeedForward(c))
 
 
 class Bart(nn.Module):

@@ -174,11 +174,13 @@ class Sublayer(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    """pre: norm placement (default: c.norm); ffn: the feed-forward module's factory (default FeedForward)."""
+
+    def __init__(self, c: ModelConfig, pre: bool | None = None, ffn=None):
         super().__init__()
-        pre = c.norm == "pre"
+        pre = c.norm == "pre" if pre is None else pre
         self.self_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
-        self.ffn = FeedForward(c.d_model, c.d_ff, c.activation)
+        self.ffn = ffn() if ffn else FeedForward(c.d_model, c.d_ff, c.activation)
         self.attn_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
         self.ffn_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
 
@@ -188,12 +190,12 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, pre: bool | None = None, ffn=None):
         super().__init__()
-        pre = c.norm == "pre"
+        pre = c.norm == "pre" if pre is None else pre
         self.self_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
         self.cross_attn = Attention(c.d_model, c.n_heads, c.attention_dropout)
-        self.ffn = FeedForward(c.d_model, c.d_ff, c.activation)
+        self.ffn = ffn() if ffn else FeedForward(c.d_model, c.d_ff, c.activation)
         self.self_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
         self.cross_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)
         self.ffn_block = Sublayer(c.d_model, pre, c.dropout, c.layer_norm_eps)

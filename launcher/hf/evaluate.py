@@ -23,7 +23,6 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from common.atomic import atomic_write
 from common.errors import UserError
@@ -32,7 +31,6 @@ from data.resolve import Where, component, fields_of
 from data.spec import StreamSpec, vocab_of
 from data.stream import DataStream
 from launcher.config import TrainConfig, data_config
-from launcher.hf.card import CONFIG_FILE
 from launcher.hf.generate import WINDOW_BATCHES, Loaded, fit_new_tokens, folder_config, generate_ids, load
 from launcher.hf.progress import Progress
 from launcher.monitor.scores import score
@@ -40,12 +38,7 @@ from launcher.monitor.scores import score
 
 def _settings(model_dir: str) -> dict:
     """The data section of the folder's encdec_config.yaml ({} for a folder exported elsewhere)."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    return cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    return folder_config(model_dir).get("data") or {}
 
 
 def _spec(model_dir: str, data: str, objective: str | None, batch_size: int):
