@@ -7,7 +7,7 @@ import torch
 
 from launcher.parallel import ParallelDims
 from launcher.parallel.dims import effective_zero_stage
-from launcher.parallel.plan import compile_layers
+from launcher.parallel.plan import compile_layers, compile_model
 from launcher.precision import precision_of
 from launcher.training.engine import build_optimizer, to_device
 from launcher.training.guard import StepGuard
@@ -54,7 +54,8 @@ class BareLoop:
     """A plain PyTorch loop over a model (ours or the stock class), as fast as a loop can be written:
     batches to the device, forward under the precision's autocast, backward, clip, AdamW, zero_grad."""
 
-    def __init__(self, cfg, device, hf: bool, compile: bool = False):
+    def __init__(self, cfg, device, hf: bool, compile: str = ""):
+        """compile: "model", the whole forward (as train.compile below ZeRO 3); "layers", each layer's."""
         self.cfg, self.device, self.hf = cfg, device, hf
         torch.manual_seed(cfg.train.seed)
         ours = build(cfg.model)
@@ -69,7 +70,9 @@ class BareLoop:
         else:
             model = ours
             model.criterion.label_smoothing = cfg.train.label_smoothing
-            if compile:
+            if compile == "model":
+                compile_model(model)
+            elif compile == "layers":
                 compile_layers(model)
         self.model = model.to(device).train()
         self.opt, _ = build_optimizer(cfg, self.model, device)

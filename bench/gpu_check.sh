@@ -16,4 +16,4 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|',
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-exec "$PY" bench/gpu_check.py --parts "${PARTS:-base,1b,eval,compiled}" --steps "${STEPS:-12}" ${OUT:+--out "$OUT"}
+exec "$PY" bench/gpu_check.py ${PARTS:+--parts "$PARTS"} --steps "${STEPS:-10}" ${OUT:+--out "$OUT"}

@@ -7,7 +7,7 @@
    (tokenizer from the first `--pairs` pairs, held-out pairs as DATA), trains ONE step of the
    config on one rank (`encdec train`, real DeepSpeed) and converts it (`encdec convert`): a real
    exported folder with its encdec_config.yaml.
-2. Times, in this process after a warm-up, `encdec eval` (loss over DATA, then greedy generation
+2. Times, in this process after a warm-up pass of each precision, `encdec eval` (loss over DATA, then greedy generation
    of every DATA source) and `encdec generate` of the same sources from a file, once per
    precision (--dtype fp32, bf16), and prints them side by side with the bf16 loss's difference
    and the share of generations equal to fp32's. A one-step model rarely stops early, so
@@ -71,7 +71,7 @@ def main() -> int:
     from launcher.hf.evaluate import evaluate_folder
     from launcher.hf.generate import load
     rows, outs = {}, {}
-    for prec in ("fp32", "bf16", "fp32"):          # the first fp32 pass warms up (kernels, caches)
+    for prec in ("fp32", "bf16", "fp32", "bf16"):      # the first pass of each warms up (kernels, caches)
         m = load(hf, a.device, prec)
         if m.device.startswith("cuda"):
             import torch

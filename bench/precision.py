@@ -9,7 +9,7 @@ One process (one rank), the same initial weights and the same batches for three 
              fp32 weights, gradients and their reduction, residual stream and loss; matmuls in bf16
   ds-bf16    DeepSpeed's "bf16" mode: bf16 weights and gradients, fp32 master weights in the
              optimizer; everything the model computes runs in bf16
-Printed per engine: median step time, peak live tensor bytes (build + first step,
+Printed per engine: median step time (steps 3..), peak live tensor bytes (build + first step,
 bench/measure.PeakMemory), the loss after each of --steps steps against fp32's (largest relative
 gap), and the relative distance of the final (fp32-master) parameters from fp32's.
 """
@@ -35,16 +35,17 @@ from bench.contenders import random_batch  # noqa: E402
 from bench.measure import PeakMemory  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.precision import Precision  # noqa: E402
-from launcher.training.engine import build_optimizer, ds_config  # noqa: E402
+from launcher.training.engine import build_optimizer, ds_config, to_device  # noqa: E402
 from model import build, padded_vocab  # noqa: E402
 
 MIB = 2 ** 20
 
 
-def engine_for(cfg, model, mode: str, zero: int):
+def engine_for(cfg, model, mode: str, zero: int, device: str):
     import deepspeed
     section = {"fp32": {}, "autocast": Precision("bf16").deepspeed_config(), "ds-bf16": {"bf16": {"enabled": True}}}
-    opt, _ = build_optimizer(cfg, model, "cpu")
+    model.to(device)
+    opt, _ = build_optimizer(cfg, model, device)
     c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=zero),
                             train=dataclasses.replace(cfg.train, precision="fp32"))
     config = {**ds_config(c, 1, n_params=sum(p.numel() for p in model.parameters())), **section[mode]}
@@ -83,29 +84,36 @@ def main() -> int:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                       LOCAL_WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    on_cuda = torch.cuda.is_available()
+    device = "cuda:0" if on_cuda else "cpu"
+    if on_cuda:
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False)
     torch.manual_seed(cfg.train.seed)
     init = build(cfg.model)
-    batches = [random_batch(cfg, s) for s in range(a.steps)]
+    batches = [to_device(random_batch(cfg, s), device) for s in range(a.steps)]
     res = {}
     for mode in ("fp32", "autocast", "ds-bf16"):
         torch.manual_seed(0)
-        with PeakMemory() as pm:
-            engine = engine_for(cfg, copy.deepcopy(init), mode, a.zero)
+        def step(b):
+            loss, n = engine(b["src"], None, b["tgt_in"], b["labels"])
+            engine.backward(loss / n)
+            engine.step()
+            return float(loss.detach()) / float(n)                  # (waits for the step)
+        with PeakMemory() as pm:                       # build + the first step (optimizer state) tracked
+            engine = engine_for(cfg, copy.deepcopy(init), mode, a.zero, device)
             start = master_params(engine)
-            losses, times = [], []
-            for b in batches:
-                t0 = time.perf_counter()
-                loss, n = engine(b["src"], None, b["tgt_in"], b["labels"])
-                engine.backward(loss / n)
-                engine.step()
-                times.append(time.perf_counter() - t0)
-                losses.append(float(loss.detach()) / float(n))
-        res[mode] = {"losses": losses, "step_s": statistics.median(times[1:] or times), "peak": pm.peak,
-                     "params": master_params(engine), "start": start}
+            losses = [step(batches[0])]
+        times = []
+        for b in batches[1:]:                          # timed without the tracker (it costs per operator)
+            t0 = time.perf_counter()
+            losses.append(step(b))
+            times.append(time.perf_counter() - t0)
+        res[mode] = {"losses": losses, "step_s": statistics.median(times[1:] or times or [float("nan")]),
+                     "peak": pm.peak, "params": master_params(engine), "start": start}
         engine.destroy()
     ref = res["fp32"]
-    print(f"{a.config}: ZeRO {a.zero}, {a.steps} steps, batch {cfg.train.micro_batch_size} x "
+    print(f"{a.config}: {device}, ZeRO {a.zero}, {a.steps} steps, batch {cfg.train.micro_batch_size} x "
           f"{cfg.data.max_src_len}/{cfg.data.max_tgt_len}, {sum(p.numel() for p in init.parameters()) / 1e6:.2f}M params")
     print(f"{'':10s} {'step (s)':>9s} {'peak MiB':>9s} {'last loss':>10s} {'max |loss - fp32| / fp32':>25s} "
           f"{'|params - fp32| / |fp32 update|':>32s}")

@@ -59,6 +59,7 @@ import torch  # noqa: E402
 
 from bench.contenders import BareLoop, BenchTrainer, random_batch  # noqa: E402
 from bench.measure import HostSyncs, PeakMemory  # noqa: E402
+from launcher.training.engine import compile_scope  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 from launcher.monitor import flops  # noqa: E402
 from model import count_parameters, padded_vocab  # noqa: E402
@@ -127,7 +128,8 @@ def contenders(cfg, device, args) -> dict:
         out[f"{next(iter(out))}+compile"] = lambda: BenchTrainer(_with(cfg, zero_stage=zeros[0], compile=True), device,
                                                                  args.force_zero)
         if args.compiled == "all":
-            out["bare+compile"] = lambda: BareLoop(cfg, device, hf=False, compile=True)
+            out["bare+compile"] = lambda: BareLoop(cfg, device, hf=False,
+                                                   compile=compile_scope(_with(cfg, zero_stage=0, compile=True), 1))
     if not args.skip_hf:
         out["hf"] = lambda: BareLoop(cfg, device, hf=True)
     return out
@@ -174,18 +176,14 @@ def _predict(cfg, name, runner, device, cal_cache):
     return {"peak_bytes": e["per_rank_bytes"]["total"], "step_s": e["step_time_s"]}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup(args):
+    """The run's config (bench shape, vocabulary, one micro-batch) and device, with the one-rank process group."""
     overrides = ([] if args.config else DEFAULT_OVERRIDES) + list(args.overrides)
     if args.precision:
         overrides.append(f"train.precision={args.precision}")
     if args.zero is not None:
         overrides.append(f"parallel.zero_stage={args.zero}")
-    try:
-        cfg = load_config(args.config, overrides + ["parallel.tp=1"])
-    except ConfigError as e:
-        print(f"step: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides + ["parallel.tp=1"])
     m = cfg.model
     cfg.model = dataclasses.replace(m, real_vocab_size=args.vocab, vocab_size=padded_vocab(args.vocab, m.vocab_multiple))
     cfg.train.global_batch_size = cfg.train.micro_batch_size
@@ -198,6 +196,17 @@ def main(argv=None) -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False)
+    return cfg, device
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, device = setup(args)
+    except ConfigError as e:
+        print(f"step: {e}", file=sys.stderr)
+        return 2
+    on_cuda = device.startswith("cuda")
 
     B, S, T = cfg.train.micro_batch_size, cfg.data.max_src_len, cfg.data.max_tgt_len
     tokens = B * (S + T)
@@ -218,7 +227,9 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        with PeakMemory() as pm:           # two steps: the first creates the optimizer state
+        # two steps: the first creates the optimizer state; eager (the tracker is a dispatch mode,
+        # under which compiled code would never compile: launcher/precision.recording_matmuls)
+        with torch.compiler.set_stance("force_eager"), PeakMemory() as pm:
             runners[name] = make()
             out = runners[name].step(batches[0])
             runners[name].step(batches[1])

@@ -77,7 +77,8 @@ class Loaded:
     precision: str
 
     def autocast(self):
-        return Precision(self.precision).autocast(self.device)
+        """Precision.inference: autocast in the run's precision, attention kernels fit for changing shapes."""
+        return Precision(self.precision).inference(self.device)
 
 
 def load(model_dir: str, device: str = "auto", precision: str = "auto") -> Loaded:

@@ -151,15 +151,34 @@ def compile_layers(model: nn.Module) -> None:
             layer._compiled = True
 
 
+def compile_model(model: nn.Module) -> None:
+    """torch.compile of the whole forward (embeddings, every layer, final norms and the chunked
+    loss: one graph), in place. Against compiling layer by layer this also fuses the embedding,
+    the norms between stacks and the loss's elementwise work, and launches fewer kernels (on an
+    H200, transformer-base bf16: device time per step 38.6 ms eager, 29.2 ms layers, 23.9 ms whole;
+    bench/profile_step.py). Activation checkpointing, applied before, is traced into the graph."""
+    if not getattr(model, "_compiled", False):
+        model.forward = torch.compile(model.forward)
+        model._compiled = True
+
+
+COMPILE_SCOPES = ("model", "layers")
+
+
 def parallelize(model: nn.Module, mesh: Mesh, activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
-    """Applies the TP plan (tp > 1), optional torch.compile of the layers and activation
-    checkpointing, in place; returns the model.
+                compile: str = "") -> nn.Module:
+    """Applies the TP plan (tp > 1), activation checkpointing and torch.compile ("model": the whole
+    forward; "layers": each layer's, for ZeRO-3 whose hooks must stay outside compiled code; "": none),
+    in place; returns the model.
     The layout was checked once, before any process group (dims.validate_layout)."""
+    if compile and compile not in COMPILE_SCOPES:
+        raise ValueError(f"compile must be one of {COMPILE_SCOPES} or empty, got {compile!r}")
     if mesh.tp > 1:
         _apply_tp(model, plan_of(model), mesh.tp_group)
-    if compile:
+    if compile == "layers":
         compile_layers(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile == "model":
+        compile_model(model)
     return model

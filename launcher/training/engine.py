@@ -94,16 +94,28 @@ def ds_config(cfg: RunConfig, accum: int, n_params: int | None = None) -> dict:
     }
 
 
+def compile_scope(cfg: RunConfig, dp: int) -> str:
+    """What train.compile compiles: the whole forward where it is proven equal to eager (ZeRO 0,
+    or one data-parallel rank), else each layer. ZeRO-3 gathers parameters in hooks around every
+    module, which stay out of compiled code only around eager leaf modules; ZeRO 1-2 over several
+    data-parallel ranks gave different losses from eager with the whole forward compiled
+    (tests/test_compile.py), and equal ones layer by layer."""
+    if not cfg.train.compile:
+        return ""
+    z = cfg.parallel.zero_stage
+    return "model" if z == 0 or (dp == 1 and z < 3) else "layers"
+
+
 def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
-    """The model with the TP plan applied (train.compile: layers compiled), on `device`, inside a
+    """The model with the TP plan applied (train.compile: compiled, compile_scope), on `device`, inside a
     DeepSpeed engine -> (engine, scheduler)."""
     model = parallelize(build_model(cfg), mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                        compile=cfg.train.compile)
+                        compile=compile_scope(cfg, mesh.dp))
     model.to(device)
     if cfg.parallel.zero_stage == 3:
         # the output projection is tied to the embedding and used outside embed's forward
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
-        if cfg.train.compile:
+        if compile_scope(cfg, mesh.dp) == "layers":
             # a whole layer's parameters are gathered by its (eager) pre-forward hook: no ZeRO
             # hooks inside the compiled code
             set_z3_leaf_modules(model, [type(model.encoder[0]), type(model.decoder[0])])

@@ -22,6 +22,7 @@ from data.stream import DataStream, steps_in_epoch
 from launcher.config import RunConfig
 from launcher.monitor.scores import score
 from launcher.parallel.dims import Mesh
+from launcher.precision import precision_of
 from launcher.training.engine import all_reduce, to_device
 from model.generate import greedy
 
@@ -35,37 +36,44 @@ def evaluate(engine, stream: DataStream, cfg: RunConfig, mesh: Mesh, device: str
     """-> (results, generation table rows on rank 0 or None). Collective over all ranks."""
     n_generate = cfg.train.eval_generate if n_generate is None else n_generate
     engine.eval()
-    try:
-        n = steps_in_epoch(stream.spec, 0)
-        # this rank's share of the first n_generate positions (local row q is position dp_rank + dp * q)
-        k = min(-(-n_generate // mesh.dp), n * stream.micro_batch) \
-            if cfg.data.objective == "pairs" and cfg.parallel.tp == 1 else 0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # summed on the device: no sync per batch
-        count = torch.zeros((), dtype=torch.float64, device=device)
-        it = iter(stream)
-        rows = []
-        for _ in range(n):
-            host = next(it)
-            for i in range(min(len(host["keys"]), k - len(rows))):
-                rows.append((stream.dp_rank + mesh.dp * len(rows), host["src"][i][host["src_mask"][i]],
-                             host["labels"][i]))
-            unpadded = bool(host["src_mask"].all())      # as in training: no padding, no attention mask
-            b = to_device(host, device)
-            segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
-            # the engine's forward runs in train.precision (its torch_autocast section, launcher/precision.py)
-            loss, cnt = engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"], **segments)
-            loss_sum += loss.detach().double()
-            count += cnt.double()
-        tot = all_reduce(torch.stack([loss_sum, count]), device, mesh.dp_group)
-        val = tot[0].item() / max(tot[1].item(), 1)
-        res = {"loss": val, "ppl": math.exp(min(val, 50))}
-        table = None
-        if k:
-            scores, table = _generation_scores(engine, rows, n_generate, cfg, mesh, device, tokenizer_path,
-                                               is_rank0)
-            res.update(scores)
-    finally:
-        engine.train()
+    # eager (train.compile's graphs are for the training shapes; evaluation's change every batch),
+    # attention kernels fit for changing shapes (Precision.inference)
+    with torch.compiler.set_stance("force_eager"), precision_of(cfg).inference(device):
+        try:
+            return _evaluate(engine, stream, cfg, mesh, device, tokenizer_path, is_rank0, n_generate)
+        finally:
+            engine.train()
+
+
+def _evaluate(engine, stream, cfg, mesh, device, tokenizer_path, is_rank0, n_generate):
+    n = steps_in_epoch(stream.spec, 0)
+    # this rank's share of the first n_generate positions (local row q is position dp_rank + dp * q)
+    k = min(-(-n_generate // mesh.dp), n * stream.micro_batch) \
+        if cfg.data.objective == "pairs" and cfg.parallel.tp == 1 else 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # summed on the device: no sync per batch
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    it = iter(stream)
+    rows = []
+    for _ in range(n):
+        host = next(it)
+        for i in range(min(len(host["keys"]), k - len(rows))):
+            rows.append((stream.dp_rank + mesh.dp * len(rows), host["src"][i][host["src_mask"][i]],
+                         host["labels"][i]))
+        unpadded = bool(host["src_mask"].all())      # as in training: no padding, no attention mask
+        b = to_device(host, device)
+        segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
+        # the engine's forward runs in train.precision (its torch_autocast section, launcher/precision.py)
+        loss, cnt = engine(b["src"], None if unpadded else b["src_mask"], b["tgt_in"], b["labels"], **segments)
+        loss_sum += loss.detach().double()
+        count += cnt.double()
+    tot = all_reduce(torch.stack([loss_sum, count]), device, mesh.dp_group)
+    val = tot[0].item() / max(tot[1].item(), 1)
+    res = {"loss": val, "ppl": math.exp(min(val, 50))}
+    table = None
+    if k:
+        scores, table = _generation_scores(engine, rows, n_generate, cfg, mesh, device, tokenizer_path,
+                                           is_rank0)
+        res.update(scores)
     return res, table
 
 

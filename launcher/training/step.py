@@ -22,8 +22,8 @@ skips the optimizer and scheduler; without ZeRO, after the backward (the trainer
 sees the norm), dropping the gradients and restoring the scheduler here.
 
 Precision: the first step of each process records the dtype its matmuls ran in (precision.py,
-MatmulDtypes over the first micro-batch's forward) and stops with one line if that is not
-train.precision.
+MatmulDtypes over the first micro-batch's forward; that step runs eager, even with train.compile)
+and stops with one line if that is not train.precision.
 """
 from __future__ import annotations
 
@@ -81,6 +81,16 @@ class TrainStep:
         return torch.full((1,), float(g or 0.0), dtype=torch.float64, device=self.device)
 
     def __call__(self, batches: list[dict], step: int) -> StepOut:
+        if self.checked_precision:
+            return self._step(batches, step)
+        # The first step runs eager, backward too (train.compile's code compiles from the second):
+        # a compiled function whose first call meets the precision check's dispatch mode is never
+        # compiled afterwards (dynamo skips its frame for good), and a checkpointed layer must
+        # recompute in backward what its forward ran.
+        with torch.compiler.set_stance("force_eager"):
+            return self._step(batches, step)
+
+    def _step(self, batches: list[dict], step: int) -> StepOut:
         no_pad = [unpadded(b) for b in batches]
         local_flops = sum(flops.train_flops(self.cfg.model, b["src"].shape[0], b["src"].shape[1],
                                             b["tgt_in"].shape[1], recompute=False) for b in batches)
@@ -100,12 +110,12 @@ class TrainStep:
             # no padding (packed span data): no attention mask, so SDPA may take its flash kernel
             segments = {"src_segments": b["src_segments"]} if "src_segments" in b else {}
             record = MatmulDtypes() if not self.checked_precision else contextlib.nullcontext()
-            with record:
+            with record as rec:
                 loss, _ = self.engine(b["src"], None if plain else b["src_mask"], b["tgt_in"], b["labels"],
                                       **segments)
             if not self.checked_precision:
-                self.matmul_dtypes = record.seen          # what the first step's matmuls ran in
-                self.precision.check_matmuls(record.seen)
+                self.matmul_dtypes = rec.seen             # what the first step's matmuls ran in
+                self.precision.check_matmuls(rec.seen)
                 self.checked_precision = True
             loss = self.faults.poison(loss, step, self.rank, i)
             loss_sum += loss.detach().double()
