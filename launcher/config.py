@@ -70,7 +70,7 @@ class TrainConfig:
                                     # each evaluation; `encdec eval` scores the same N by default; 0 = none
     label_smoothing: float = 0.0
     collective_timeout_s: int = 600  # a dead rank ends the job instead of hanging it
-    compile: bool = False           # torch.compile the whole forward (each layer at ZeRO 3); any tp
+    compile: bool = False           # torch.compile (what, by layout: launcher/training/engine.compile_scope); any tp
     max_bad_steps: int = 20         # consecutive skipped (non-finite / spiking) steps before the run stops; 0 = never
     spike_z: float = 0.0            # skip a step whose loss is this many std above the recent mean; 0 = off
     spike_window: int = 100         # steps in that rolling mean / std

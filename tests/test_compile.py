@@ -1,11 +1,12 @@
 """train.compile gives the eager losses, through the trainer's engine builder (real DeepSpeed
 engines, gloo), over several optimizer steps.
 
-CPU compilation is slow (seconds per graph), so this covers three layouts on 2 ranks, with dropout
-and padded batches: ZeRO-3 with dp 2 (each layer compiled; parameters gathered by ZeRO's hooks
-around the compiled layers), tp 2 with ZeRO-1 (the whole forward compiled, the TP collectives
-inside it) and ZeRO-2 with dp 2 and activation checkpointing (the whole forward compiled, the
-checkpointed layers traced into it, ZeRO's gradient hooks after its backward).
+CPU compilation is slow (seconds per graph), so this covers each compile scope once, on 2 ranks,
+with dropout and padded batches: ZeRO-3 with dp 2 ("layers": parameters gathered by ZeRO's hooks
+around the compiled layers), ZeRO-2 with dp 2 and activation checkpointing ("stacks": encoder,
+decoder and loss compiled apart, the checkpointed layers traced into them, ZeRO's gradient hooks
+after their backward) and tp 2 x dp 1 with ZeRO-1 and activation checkpointing ("model": the whole
+forward, the TP collectives inside it).
 """
 import logging
 
@@ -64,7 +65,8 @@ def _worker(rank, world, layouts):
     torch._inductor.config.fallback_random = True     # compiled dropout draws eager's random numbers
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo")
-    for tp, stage, ckpt in layouts:
+    from launcher.training.engine import compile_scope
+    for tp, stage, ckpt, scope in layouts:
         cfg = load_config("configs/test-tiny.yaml", [f"parallel.tp={tp}", f"parallel.zero_stage={stage}",
                                                      f"parallel.activation_checkpointing={ckpt}",
                                                      "model.dropout=0.1", "train.micro_batch_size=2",
@@ -72,10 +74,11 @@ def _worker(rank, world, layouts):
         eager, eager_graphs = _losses(cfg, rank, world, False)
         compiled, graphs = _losses(cfg, rank, world, True)
         assert graphs > eager_graphs, f"tp {tp} zero {stage}: train.compile compiled nothing"
+        assert compile_scope(cfg, world // tp) == scope
         assert_close(compiled, eager, rtol=1e-5, atol=1e-6, msg=lambda m: f"tp {tp} zero {stage} ckpt {ckpt}: {m}")
         assert eager[0] != eager[-1]
 
 
 @pytest.mark.slow
 def test_compiled_equal_eager_losses():
-    spawn(_worker, 2, [(1, 3, False), (1, 2, True), (2, 1, True)])   # tp 2 last: DeepSpeed keeps its groups
+    spawn(_worker, 2, [(1, 3, False, "layers"), (1, 2, True, "stacks"), (2, 1, True, "model")])   # tp 2 last: DeepSpeed keeps its groups

@@ -123,3 +123,21 @@ def test_the_first_step_refuses_other_matmul_precision_with_one_line(tiny_pairs,
     assert last.startswith("encdec: error: train.precision=bf16 but the first step's matmuls ran as "), last
     assert "float32" in last and "Traceback" not in r.stderr
     assert not (out / "checkpoints").exists()               # stopped before any step was applied
+
+
+def test_inference_context_leaves_out_cudnn_attention_on_gpus():
+    """Evaluation and generation on a GPU: autocast plus SDPA without its cuDNN backend (cuDNN plans
+    every new shape, and inference shapes change with each batch and decoding step); training and
+    the CPU keep every backend. The flags are the ones SDPA's kernel choice reads on CUDA."""
+    import warnings
+    from launcher.precision import Precision
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                   # autocast("cuda") on a machine without CUDA
+        with Precision("bf16").inference("cuda:0"):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with Precision("bf16").inference("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        assert torch.is_autocast_enabled("cpu")

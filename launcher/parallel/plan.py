@@ -162,14 +162,26 @@ def compile_model(model: nn.Module) -> None:
         model._compiled = True
 
 
-COMPILE_SCOPES = ("model", "layers")
+def compile_stacks(model: nn.Module) -> None:
+    """torch.compile of the encoder stack, the decoder stack (each with its embedding) and the
+    loss: three graphs, in place. What ZeRO 1-2 over several data-parallel ranks take instead of
+    the whole forward (see launcher/training/engine.compile_scope)."""
+    if not getattr(model, "_compiled", False):
+        model.encode = torch.compile(model.encode)
+        model.decode = torch.compile(model.decode)
+        model.criterion.forward = torch.compile(model.criterion.forward)
+        model._compiled = True
+
+
+COMPILE_SCOPES = ("model", "stacks", "layers")
+_COMPILE_AFTER_CHECKPOINTING = {"model": compile_model, "stacks": compile_stacks}
 
 
 def parallelize(model: nn.Module, mesh: Mesh, activation_checkpointing: bool = False,
                 compile: str = "") -> nn.Module:
     """Applies the TP plan (tp > 1), activation checkpointing and torch.compile ("model": the whole
-    forward; "layers": each layer's, for ZeRO-3 whose hooks must stay outside compiled code; "": none),
-    in place; returns the model.
+    forward; "stacks": encoder, decoder and loss apart; "layers": each layer's, for ZeRO-3 whose
+    hooks must stay outside compiled code; "": none), in place; returns the model.
     The layout was checked once, before any process group (dims.validate_layout)."""
     if compile and compile not in COMPILE_SCOPES:
         raise ValueError(f"compile must be one of {COMPILE_SCOPES} or empty, got {compile!r}")
@@ -179,6 +191,6 @@ def parallelize(model: nn.Module, mesh: Mesh, activation_checkpointing: bool = F
         compile_layers(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if compile == "model":
-        compile_model(model)
+    if compile in _COMPILE_AFTER_CHECKPOINTING:
+        _COMPILE_AFTER_CHECKPOINTING[compile](model)
     return model

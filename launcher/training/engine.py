@@ -95,15 +95,19 @@ def ds_config(cfg: RunConfig, accum: int, n_params: int | None = None) -> dict:
 
 
 def compile_scope(cfg: RunConfig, dp: int) -> str:
-    """What train.compile compiles: the whole forward where it is proven equal to eager (ZeRO 0,
-    or one data-parallel rank), else each layer. ZeRO-3 gathers parameters in hooks around every
-    module, which stay out of compiled code only around eager leaf modules; ZeRO 1-2 over several
-    data-parallel ranks gave different losses from eager with the whole forward compiled
-    (tests/test_compile.py), and equal ones layer by layer."""
+    """What train.compile compiles (launcher/parallel/plan.py): the whole forward at ZeRO 0 or one
+    data-parallel rank; the encoder, decoder and loss apart at ZeRO 1-2 over several ranks; each
+    layer at ZeRO 3. ZeRO-3 gathers parameters in hooks around every module, which stay out of
+    compiled code only around eager leaf modules. ZeRO 1-2 count and reduce gradients in hooks
+    that, over several data-parallel ranks, came out wrong with the whole forward as one graph
+    (a different gradient norm from eager's at the first compiled step) and right with the three
+    graphs (tests/test_compile.py compares each scope's losses with eager's)."""
     if not cfg.train.compile:
         return ""
     z = cfg.parallel.zero_stage
-    return "model" if z == 0 or (dp == 1 and z < 3) else "layers"
+    if z == 3:
+        return "layers"
+    return "model" if z == 0 or dp == 1 else "stacks"
 
 
 def build_engine(cfg: RunConfig, mesh: Mesh, device: str, accum: int):
