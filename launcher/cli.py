@@ -6,10 +6,12 @@ Every expected failure (bad config, missing or bad input, bad checkpoint) ends w
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 from common.atomic import atomic_write
 from common.errors import UserError
@@ -253,5 +255,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def leave(code: int) -> None:
+    """Ends the program after `main` returned: the interpreter's own exit steps that matter (Python
+    threads joined, atexit handlers: the run lock, wandb, loader workers, logging), then the process
+    ends without tearing down torch's C++ state. That teardown (communication backends' threads and
+    static objects, in whatever order the interpreter drops them) now and then aborted a rank that
+    had finished and saved everything ("terminate called without an active exception", exit -6),
+    which torchrun and srun count as the job failing; it also cost a garbage-collector walk."""
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `encdec` program (and `python -m launcher.cli`). main() itself returns, for callers in-process."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

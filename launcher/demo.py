@@ -17,7 +17,7 @@ import time
 import torch
 
 from data.synthetic import write_corpus
-from launcher.cli import main as cli
+from launcher.cli import leave, main as cli
 from launcher.config import ConfigError, load_config
 from launcher.hf.generate import generate, load
 
@@ -90,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
