@@ -5,14 +5,23 @@ import dataclasses
 
 import torch
 
+from launcher.dist_env import DistEnv, export_torch_env, for_this_process
 from launcher.parallel import ParallelDims
 from launcher.parallel.dims import effective_zero_stage
 from launcher.parallel.plan import compile_layers, compile_model
 from launcher.precision import precision_of
-from launcher.training.engine import build_optimizer, to_device
+from launcher.training.engine import build_optimizer, init_distributed, to_device
 from launcher.training.guard import StepGuard
 from launcher.training.step import TrainStep
 from model import arch_of, build
+
+
+def one_rank() -> str:
+    """The benches' one-process group, as a single `encdec train` makes it (a free local port; NCCL
+    on GPU 0, gloo on CPU) -> the device."""
+    env = for_this_process(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 0, "single"))
+    export_torch_env(env)
+    return init_distributed(env, timeout_s=600)
 
 
 def random_batch(cfg, seed: int) -> dict:

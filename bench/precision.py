@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import logging
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.contenders import random_batch  # noqa: E402
+from bench.contenders import one_rank, random_batch  # noqa: E402
 from bench.measure import PeakMemory  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.precision import Precision  # noqa: E402
@@ -78,17 +77,7 @@ def main() -> int:
     m = cfg.model
     cfg.model = dataclasses.replace(m, real_vocab_size=a.vocab, vocab_size=padded_vocab(a.vocab, m.vocab_multiple))
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    import deepspeed
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1")
-    on_cuda = torch.cuda.is_available()
-    device = "cuda:0" if on_cuda else "cpu"
-    if on_cuda:
-        torch.cuda.set_device(0)
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False)
+    device = one_rank()
     torch.manual_seed(cfg.train.seed)
     init = build(cfg.model)
     batches = [to_device(random_batch(cfg, s), device) for s in range(a.steps)]

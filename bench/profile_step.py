@@ -111,8 +111,7 @@ def main(argv=None) -> int:
                                  + ([f"--precision={a.precision}"] if a.precision else [])
                                  + [f"--vocab={a.vocab}", "--compiled=all"] + list(a.overrides))
     cfg, device = bench_step.setup(args)
-    makers = {n.replace("trainer-z%d" % cfg.parallel.zero_stage, "trainer"): m
-              for n, m in bench_step.contenders(cfg, device, args).items()}
+    makers = bench_step.contenders(cfg, device, args)
     makers["bare+compile-layers"] = lambda: BareLoop(cfg, device, hf=False, compile="layers")
     unknown = [n for n in want if n not in makers]
     if unknown:

@@ -45,7 +45,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.contenders import BareLoop, BenchTrainer, random_batch  # noqa: E402
+from bench.contenders import BareLoop, BenchTrainer, one_rank, random_batch  # noqa: E402
 from bench.measure import HostSyncs, PeakMemory  # noqa: E402
 from launcher.training.engine import compile_scope  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
@@ -99,12 +98,6 @@ def parse_args(argv=None):
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with(cfg, **train_or_parallel):
@@ -188,15 +181,7 @@ def setup(args):
     cfg.model = dataclasses.replace(m, real_vocab_size=args.vocab, vocab_size=padded_vocab(args.vocab, m.vocab_multiple))
     cfg.train.global_batch_size = cfg.train.micro_batch_size
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    import deepspeed
-    on_cuda = torch.cuda.is_available()
-    device = "cuda:0" if on_cuda else "cpu"
-    if on_cuda:
-        torch.cuda.set_device(0)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False)
-    return cfg, device
+    return cfg, one_rank()
 
 
 def main(argv=None) -> int:

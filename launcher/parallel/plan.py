@@ -174,7 +174,6 @@ def compile_stacks(model: nn.Module) -> None:
 
 
 COMPILE_SCOPES = ("model", "stacks", "layers")
-_COMPILE_AFTER_CHECKPOINTING = {"model": compile_model, "stacks": compile_stacks}
 
 
 def parallelize(model: nn.Module, mesh: Mesh, activation_checkpointing: bool = False,
@@ -191,6 +190,8 @@ def parallelize(model: nn.Module, mesh: Mesh, activation_checkpointing: bool = F
         compile_layers(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if compile in _COMPILE_AFTER_CHECKPOINTING:
-        _COMPILE_AFTER_CHECKPOINTING[compile](model)
+    if compile == "model":
+        compile_model(model)
+    elif compile == "stacks":
+        compile_stacks(model)
     return model
